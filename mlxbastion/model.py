@@ -1,0 +1,244 @@
+"""The decoder-only transformer: Llama, Mistral, Qwen2/2.5, Qwen3 and kin.
+
+One config-driven model covers these families; they differ only in a few
+switches read from ``ModelArgs``:
+
+- Qwen2 adds biases to the q/k/v projections (``qkv_bias``);
+- Qwen3 applies an RMSNorm to each query and key head before RoPE
+  (``qk_norm``);
+- Llama 3.1+ rescales RoPE frequencies (``rope_scaling`` of type llama3);
+- Mistral v0.1 attends over a sliding window (``sliding_window``).
+
+Module names follow the Hugging Face checkpoints (``model.layers.N.self_attn
+.q_proj`` and so on), so loading weights needs no key map. Shapes use
+``B`` batch, ``L`` new tokens, ``S`` cached plus new tokens, ``D`` hidden size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import KVCache, RotatingKVCache
+from .config import ModelArgs
+
+
+class RoPE(nn.Module):
+    """Rotary position embedding, with linear or Llama-3 frequency scaling."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.dims = args.head_dim
+        self.base = args.rope_theta
+        self.scale = 1.0
+        self._freqs = None
+        scaling = args.rope_scaling or {}
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind == "linear":
+            # Positions are divided by the factor (transformers' "linear").
+            self.scale = 1.0 / scaling["factor"]
+        elif kind == "llama3":
+            self._freqs = llama3_rope_freqs(self.dims, self.base, scaling)
+
+    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
+        return mx.fast.rope(
+            x,
+            self.dims,
+            traditional=False,
+            base=None if self._freqs is not None else self.base,
+            scale=self.scale,
+            offset=offset,
+            freqs=self._freqs,
+        )
+
+
+def llama3_rope_freqs(dims: int, base: float, scaling: dict) -> mx.array:
+    """Llama 3.1's RoPE periods: long wavelengths stretched by ``factor``.
+
+    Wavelengths shorter than ``original_max_position_embeddings /
+    high_freq_factor`` are kept, those longer than ``... / low_freq_factor``
+    are divided by ``factor``, and the band between is interpolated. Returns the
+    per-pair periods that ``mx.fast.rope`` takes as ``freqs``.
+    """
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    context = scaling["original_max_position_embeddings"]
+
+    inv_freq = 1.0 / (base ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims))
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (context / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+
+    inv_freq = mx.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    in_band = (wavelen <= context / low) & (wavelen >= context / high)
+    inv_freq = mx.where(in_band, blended, inv_freq)
+    return 1.0 / inv_freq
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.num_attention_heads
+        self.n_kv_heads = args.num_key_value_heads
+        self.head_dim = args.head_dim
+        self.scale = self.head_dim**-0.5
+
+        D, bias = args.hidden_size, args.qkv_bias
+        self.q_proj = nn.Linear(D, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(D, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(D, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(
+            self.n_heads * self.head_dim, D, bias=args.attention_bias
+        )
+        if args.qk_norm:
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps)
+        self.rope = RoPE(args)
+
+    def __call__(
+        self,
+        x: mx.array,
+        mask: mx.array | str | None,
+        cache: KVCache | RotatingKVCache | None,
+    ) -> mx.array:
+        B, L, _ = x.shape
+        queries = self.q_proj(x).reshape(B, L, self.n_heads, -1)
+        keys = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
+        values = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1)
+        if "q_norm" in self:
+            queries, keys = self.q_norm(queries), self.k_norm(keys)
+        queries = queries.transpose(0, 2, 1, 3)  # (B, n_heads, L, head_dim)
+        keys = keys.transpose(0, 2, 1, 3)  # (B, n_kv_heads, L, head_dim)
+        values = values.transpose(0, 2, 1, 3)
+
+        offset = cache.offset if cache is not None else 0
+        queries = self.rope(queries, offset)
+        keys = self.rope(keys, offset)
+        if cache is not None:
+            keys, values = cache.update_and_fetch(keys, values)
+
+        # The fused kernel handles grouped-query heads without repeating keys.
+        out = mx.fast.scaled_dot_product_attention(
+            queries, keys, values, scale=self.scale, mask=mask
+        )
+        out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        D, hidden_dim, bias = args.hidden_size, args.intermediate_size, args.mlp_bias
+        self.gate_proj = nn.Linear(D, hidden_dim, bias=bias)
+        self.up_proj = nn.Linear(D, hidden_dim, bias=bias)
+        self.down_proj = nn.Linear(hidden_dim, D, bias=bias)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(
+            args.hidden_size, eps=args.rms_norm_eps
+        )
+
+    def __call__(
+        self,
+        h: mx.array,
+        mask: mx.array | str | None,
+        cache: KVCache | RotatingKVCache | None,
+    ) -> mx.array:
+        h = h + self.self_attn(self.input_layernorm(h), mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class TransformerModel(nn.Module):
+    """Embedding, the stack of blocks and the final norm (HF's ``model.``)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [TransformerBlock(args) for _ in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.window = args.attention_window
+
+    def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
+        h = self.embed_tokens(inputs)
+        if cache is None:
+            cache = [None] * len(self.layers)
+        mask = attention_mask(inputs.shape[1], cache[0], self.window)
+        for layer, layer_cache in zip(self.layers, cache, strict=True):
+            h = layer(h, mask, layer_cache)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    """A causal LM: token ids ``(B, L)`` in, next-token logits ``(B, L, V)`` out."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = TransformerModel(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
+        h = self.model(inputs, cache)
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    @property
+    def layers(self) -> list[TransformerBlock]:
+        return self.model.layers
+
+    def make_cache(self, max_kv_size: int | None = None) -> list:
+        """One cache per layer; bounded to ``max_kv_size`` tokens when given."""
+        if max_kv_size is not None:
+            return [RotatingKVCache(max_kv_size) for _ in self.layers]
+        return [KVCache() for _ in self.layers]
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Drop checkpoint tensors that the model recomputes or shares."""
+        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+        if self.args.tie_word_embeddings:
+            weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
+        return weights
+
+
+def attention_mask(
+    L: int,
+    cache: KVCache | RotatingKVCache | None,
+    window: int | None = None,
+) -> mx.array | str | None:
+    """The mask for ``L`` new tokens after what ``cache`` already holds.
+
+    A single decode step attends to everything cached, so it needs no mask.
+    Otherwise the fused kernel's "causal" mask (aligned to the last key) is
+    enough unless a window or a rotating cache hides some keys.
+    """
+    if cache is not None and hasattr(cache, "make_mask"):
+        return cache.make_mask(L, window)
+    offset = cache.offset if cache is not None else 0
+    if window is None or offset + L <= window:
+        return "causal" if L > 1 else None
+    return causal_mask(L, offset, window)
+
+
+def causal_mask(L: int, offset: int, window: int | None = None) -> mx.array:
+    """Boolean ``(L, offset + L)`` mask: query i sees keys up to its position,
+    and no more than ``window`` of them when a window is given."""
+    q_pos = mx.arange(offset, offset + L)[:, None]
+    k_pos = mx.arange(offset + L)[None]
+    mask = q_pos >= k_pos
+    if window is not None:
+        mask = mask & (q_pos - k_pos < window)
+    return mask
