@@ -1,20 +1,26 @@
-"""Reading and writing model folders, and converting checkpoints to MLX.
+"""Reading and writing model folders; ``convert.py`` builds on these.
 
-An MLX model folder is what mlx-lm and MLX Swift load: ``config.json`` (with a
+This module owns locating a model (local path or hub repo id), reading its
+config and weights, building the model, and writing a folder atomically. An
+MLX model folder is what mlx-lm and MLX Swift load: ``config.json`` (with a
 ``quantization`` entry when weights are quantized), ``model.safetensors`` or
 shards with ``model.safetensors.index.json``, and the tokenizer files
 (``tokenizer.json``, ``tokenizer_config.json`` carrying the chat template).
 
-Sources ``convert`` accepts: a local Hugging Face folder (safetensors, sharded
-or not, or ``pytorch_model.bin``), a hub repo id, or a ``.gguf`` file.
+The weights it reads: safetensors (sharded or not) or ``pytorch_model.bin``
+(through ``torch_bin.py``); GGUF files are read by ``gguf.py``.
 """
 
 from __future__ import annotations
 
+import errno
+import glob
 import json
 import logging
 import os
 import shutil
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +32,7 @@ from mlx.utils import tree_flatten
 
 from .config import ModelArgs
 from .model import Model
-from .tokenizer import Tokenizer, load_tokenizer
+from .tokenizer import Tokenizer, load_tokenizer, parse_eos_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +71,9 @@ FLOAT16_MAX = 65504.0
 def resolve_model_path(path_or_repo: str | Path) -> Path:
     """A local folder or file as is; otherwise download a hub repo id.
 
+    A missing ``org/name`` is tried as a hub repo id, unless ``org`` is a local
+    folder: then it is a mistyped path, and nothing is downloaded.
+
     Raises:
         FileNotFoundError: neither a local path nor a downloadable repo id.
     """
@@ -72,7 +81,9 @@ def resolve_model_path(path_or_repo: str | Path) -> Path:
     if path.exists():
         return path
     text = str(path_or_repo)
-    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+    first = text.split("/", 1)[0]
+    looks_local = text.startswith((".", "/", "~")) or Path(first).is_dir()
+    if text.count("/") != 1 or looks_local:
         raise FileNotFoundError(
             f"model path {text!r} does not exist; give a model folder, a .gguf "
             "file or a Hugging Face repo id like 'org/name'"
@@ -80,18 +91,28 @@ def resolve_model_path(path_or_repo: str | Path) -> Path:
     return _download(text)
 
 
+# What mlx-lm fetches: the weights as model*.safetensors (not a duplicate
+# consolidated.safetensors), the configs and the tokenizer.
+HUB_PATTERNS = ["*.json", "model*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
+HUB_BIN_PATTERNS = ["pytorch_model*.bin"]
+
+
 def _download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        folder = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+        if not any(folder.glob("model*.safetensors")):
+            # Older repos publish only pytorch_model.bin (and its index).
+            logger.info("%s has no safetensors; fetching pytorch_model*.bin", repo_id)
+            folder = Path(snapshot_download(repo_id, allow_patterns=HUB_BIN_PATTERNS))
     except Exception as e:
         raise FileNotFoundError(
-            f"could not download {repo_id!r} from the Hugging Face hub "
-            f"({type(e).__name__}); check the repo id and your connection, or "
-            "pass a local folder"
+            f"model path {repo_id!r} does not exist locally, and as a Hugging Face "
+            f"repo id it could not be downloaded ({type(e).__name__}); check the "
+            "path, or the repo id and your connection"
         ) from e
+    return folder
 
 
 def load_config(path: Path) -> dict[str, Any]:
@@ -108,7 +129,7 @@ def load_config(path: Path) -> dict[str, Any]:
         )
     try:
         config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(
             f"{config_path} is not valid JSON ({e}); fix or re-download it"
         ) from e
@@ -124,8 +145,14 @@ def check_supported(config: dict[str, Any], path: Path) -> ModelArgs:
         ValueError: an unsupported architecture or RoPE scaling, or a checkpoint
             pre-quantized by another tool (GPTQ, AWQ, bitsandbytes, fp8).
     """
-    if "quantization" not in config and config.get("quantization_config"):
-        method = config["quantization_config"].get("quant_method", "unknown")
+    quantization_config = config.get("quantization_config")
+    if quantization_config is not None and not isinstance(quantization_config, dict):
+        raise ValueError(
+            f"{path / 'config.json'}: quantization_config must be an object, got "
+            f"{quantization_config!r}; fix config.json"
+        )
+    if "quantization" not in config and quantization_config:
+        method = quantization_config.get("quant_method", "unknown")
         raise ValueError(
             f"{path} is pre-quantized ({method}), which mlxbastion cannot read; "
             "convert the original float checkpoint instead"
@@ -150,6 +177,10 @@ def load_weights(path: Path) -> dict[str, mx.array]:
     else:
         files = sorted(path.glob("*.safetensors"))
         files = [f for f in files if not f.name.startswith("adapters")]
+        if any(f.name.startswith("model") for f in files):
+            # Mistral repos ship consolidated.safetensors beside model*.safetensors:
+            # the same weights under other names.
+            files = [f for f in files if not f.name.startswith("consolidated")]
     if not files:
         bin_index = path / "pytorch_model.bin.index.json"
         if bin_index.is_file():
@@ -169,9 +200,23 @@ def load_weights(path: Path) -> dict[str, mx.array]:
 
 def _shards_from_index(index: Path) -> list[Path]:
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{index} is not a valid shard index ({e})") from e
+        content = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"{index} is not a valid shard index ({e}); re-download it"
+        ) from e
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ValueError(
+            f"{index} is not a valid shard index: it needs a 'weight_map' object "
+            "mapping tensor names to shard files; re-download it"
+        )
+    for name in weight_map.values():
+        if not isinstance(name, str) or Path(name).name != name or name == "..":
+            raise ValueError(
+                f"{index} is not a valid shard index: 'weight_map' names "
+                f"{name!r}, not a shard file in the same folder; re-download it"
+            )
     files = [index.parent / name for name in sorted(set(weight_map.values()))]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
@@ -270,14 +315,60 @@ def build_model(
     return model, weights
 
 
+def cast_weights(weights: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.array]:
+    """Cast float tensors to ``dtype``, except where that would lose them.
+
+    - A tensor that would overflow float16 stays in float32, with a warning
+      naming it.
+    - Quantization scales and biases (``*.scales``, ``*.biases``) are not cast
+      to bfloat16: its 8-bit mantissa is too coarse for them (SmolLM2 Q4_1
+      answers in broken French with bfloat16 scales). They keep their dtype,
+      float16 for GGUF files; to float16 or float32 they are cast as asked.
+
+    Args:
+        weights: tensors by name.
+        dtype: the target float dtype.
+
+    Returns:
+        The cast tensors (lazy), by name.
+    """
+    out, kept = {}, []
+    for name, w in weights.items():
+        if not mx.issubdtype(w.dtype, mx.floating) or w.dtype == dtype:
+            out[name] = w
+        elif dtype == mx.bfloat16 and name.endswith((".scales", ".biases")):
+            out[name] = w
+            kept.append(name)
+        elif dtype == mx.float16 and _overflows_float16(name, w):
+            out[name] = w.astype(mx.float32)
+        else:
+            out[name] = w.astype(dtype)
+    if kept:
+        logger.info(
+            "kept %d quantization scales and biases in %s rather than bfloat16, "
+            "which is too coarse for them",
+            len(kept),
+            str(weights[kept[0]].dtype).split(".")[-1],
+        )
+    return out
+
+
+def _overflows_float16(name: str, w: mx.array) -> bool:
+    peak = mx.abs(w).max().item()
+    if peak > FLOAT16_MAX:
+        logger.warning(
+            "%s holds values up to %.3g, beyond float16's range; kept in float32",
+            name,
+            peak,
+        )
+        return True
+    return False
+
+
 def cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
-    """Cast every floating-point parameter (scales and biases too) to ``dtype``."""
-    params = tree_flatten(model.parameters())
+    """Cast the model's float parameters to ``dtype``, as ``cast_weights`` does."""
     model.load_weights(
-        [
-            (k, v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v)
-            for k, v in params
-        ]
+        list(cast_weights(dict(tree_flatten(model.parameters())), dtype).items())
     )
 
 
@@ -301,10 +392,16 @@ def load_model(
         path: a model folder or a hub repo id.
         dtype: compute dtype for float parameters: "auto" picks per backend
             (see ``default_compute_dtype``), None keeps the stored dtype, or
-            one of float16, bfloat16, float32.
+            one of float16, bfloat16, float32, cast as ``cast_weights`` does
+            (a tensor beyond float16's range stays float32, with a warning).
+            Asking for float16 or bfloat16 on the CPU backend logs a warning:
+            it is much slower there than float32.
 
     Returns:
         The model, its config.json dict, and the resolved folder.
+
+    Raises:
+        FileNotFoundError, ValueError: a missing or malformed model folder.
     """
     folder = resolve_model_path(path)
     if folder.is_file():
@@ -312,9 +409,16 @@ def load_model(
             f"{folder} is a file; convert it first with "
             f"'mlxbastion convert --hf-path {folder} --mlx-path DST'"
         )
+    if dtype not in (None, "auto", *FLOAT_DTYPES):
+        raise ValueError(
+            f"unknown dtype {dtype!r}; use auto, or one of {', '.join(FLOAT_DTYPES)}"
+        )
     config = load_config(folder)
     check_supported(config, folder)
+    # Checked here too, so a bad entry is refused before the weights load.
+    parse_eos_token_ids(config.get("eos_token_id"), folder / "config.json")
     model, _ = build_model(config, load_weights(folder))
+    on_cpu = default_compute_dtype() is not None
     target = default_compute_dtype() if dtype == "auto" else dtype
     if isinstance(target, str):
         target = FLOAT_DTYPES[target]
@@ -322,6 +426,12 @@ def load_model(
         cast_floats(model, target)
     mx.eval(model.parameters())
     model.eval()
+    if on_cpu and dtype in ("float16", "bfloat16"):
+        logger.warning(
+            "computing in %s on the CPU backend, which is much slower than "
+            "float32 (30-60x for quantized layers); use --dtype auto",
+            dtype,
+        )
     return model, config, folder
 
 
@@ -373,17 +483,32 @@ def save_config(dst: Path, config: dict[str, Any]) -> None:
     )
 
 
-@contextmanager
-def atomic_output_dir(dst: Path, *, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``dst``; rename it to ``dst`` on success.
+# Errors that mean the disk (or quota) is full, or the file system refuses writes.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
-    A crash or Ctrl-C leaves ``dst`` as it was. With ``force`` an existing
-    ``dst`` is replaced only once the new one is complete.
+
+def check_output_dir(dst: Path, *, force: bool = False) -> None:
+    """Refuse an output folder that cannot or must not be written.
 
     Raises:
-        FileExistsError: ``dst`` exists, is not empty, and ``force`` is False.
+        ValueError: ``dst`` is the current directory or contains it.
+        NotADirectoryError: a parent of ``dst`` is a file.
+        FileExistsError: ``dst`` is a file, or a non-empty folder without
+            ``force``.
     """
     dst = Path(dst)
+    resolved, cwd = dst.resolve(), Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise ValueError(
+            f"--mlx-path {str(dst)!r} is the current directory or contains it; "
+            "give the name of a new folder, such as 'my-model-mlx'"
+        )
+    for parent in reversed(dst.parents):
+        if parent.exists() and not parent.is_dir():
+            raise NotADirectoryError(
+                f"{parent} is a file, so {dst} cannot be created inside it; "
+                "pick another --mlx-path"
+            )
     if dst.exists() and not dst.is_dir():
         raise FileExistsError(
             f"{dst} exists and is not a folder; pick another --mlx-path"
@@ -393,27 +518,141 @@ def atomic_output_dir(dst: Path, *, force: bool = False) -> Iterator[Path]:
             f"{dst} already exists and is not empty; pass --force to replace it "
             "or pick another --mlx-path"
         )
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    # Not mkdtemp: its 0700 mode would survive the rename, and the model
-    # folder should get the umask's mode like any other folder.
-    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}-{os.urandom(4).hex()}"
-    tmp.mkdir()
+
+
+def check_replaceable(dst: Path) -> None:
+    """With ``--force``, refuse to replace a non-empty folder that is not a model.
+
+    ``--force`` exists to redo a conversion; a folder without config.json is
+    someone's data (or a parent of the source), never a previous output.
+
+    Raises:
+        FileExistsError: ``dst`` is a non-empty folder without config.json.
+    """
+    dst = Path(dst)
+    if dst.is_dir() and any(dst.iterdir()) and not (dst / "config.json").is_file():
+        raise FileExistsError(
+            f"{dst} is not empty and holds no config.json, so it is not a model "
+            "folder written earlier; --force only replaces those. Empty or remove "
+            "it yourself, or pick another --mlx-path"
+        )
+
+
+@contextmanager
+def atomic_output_dir(dst: Path, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``dst``; rename it to ``dst`` on success.
+
+    A crash, Ctrl-C or SIGTERM leaves ``dst`` as it was. With ``force`` an
+    existing ``dst`` is replaced only once the new one is complete. Temporary
+    folders for ``dst`` left by a killed earlier run (whose process is gone)
+    are removed first.
+
+    Raises:
+        FileExistsError, NotADirectoryError, ValueError: see
+            ``check_output_dir``.
+        ValueError: writing failed because the disk is full or read-only.
+    """
+    dst = Path(dst)
+    check_output_dir(dst, force=force)
     try:
-        yield tmp
-        if dst.exists():
-            old = tmp.with_name(tmp.name.replace(".partial-", ".old-"))
-            dst.rename(old)
-            try:
-                tmp.rename(dst)
-            except BaseException:
-                old.rename(dst)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_partials(dst)
+        # Not mkdtemp: its 0700 mode would survive the rename, and the model
+        # folder should get the umask's mode like any other folder.
+        tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}-{os.urandom(4).hex()}"
+        tmp.mkdir()
+    except OSError as e:
+        _raise_write_error(e, dst)
         raise
+    try:
+        with _sigterm_exits():
+            yield tmp
+            if dst.exists():
+                old = tmp.with_name(tmp.name.replace(".partial-", ".old-"))
+                dst.rename(old)
+                try:
+                    tmp.rename(dst)
+                except BaseException:
+                    old.rename(dst)
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(dst)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _raise_write_error(e, dst)
+        raise
+
+
+def _raise_write_error(error: BaseException, dst: Path) -> None:
+    """Re-raise a failed write (disk full, read-only) as a one-line ValueError."""
+    hint = "disk full?"
+    if isinstance(error, OSError) and error.errno in _WRITE_ERRNOS:
+        reason = error.strerror or str(error)
+        if error.errno == errno.EROFS:
+            hint = "the file system is read-only"
+    elif isinstance(error, RuntimeError) and str(error).startswith(
+        ("[write]", "[save_safetensors]")
+    ):
+        # MLX's writers raise RuntimeError("[write] Unable to write N bytes ...").
+        reason = str(error).splitlines()[0]
+    else:
+        return
+    raise ValueError(
+        f"could not write {dst}: {hint} ({reason}); free some space or pick "
+        "another --mlx-path, then run again"
+    ) from error
+
+
+def _remove_stale_partials(dst: Path) -> None:
+    """Remove ``.NAME.partial-PID-*`` folders whose process no longer runs."""
+    prefix = f".{dst.name}.partial-"
+    for path in dst.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = path.name[len(prefix) :].split("-")[0]
+        if not pid.isdigit() or _process_alive(int(pid)) or not path.is_dir():
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        logger.warning(
+            "removed %s, left behind by an earlier run (process %s) that was killed",
+            path,
+            pid,
+        )
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+@contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """Make SIGTERM raise SystemExit for the duration, so cleanup code runs.
+
+    Only in the main thread (the only one that can set handlers), and only
+    while SIGTERM has its default action: a handler the caller installed wins.
+    """
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+
+    def exit_on_sigterm(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def load(path: str | Path, *, dtype: str | None = "auto") -> tuple[Model, Tokenizer]:
@@ -427,6 +666,5 @@ def load(path: str | Path, *, dtype: str | None = "auto") -> tuple[Model, Tokeni
         ``(model, tokenizer)``, ready for ``generate`` and ``stream_generate``.
     """
     model, config, folder = load_model(path, dtype=dtype)
-    eos = config.get("eos_token_id")
-    eos_ids = set(eos) if isinstance(eos, list) else {eos} if eos is not None else set()
+    eos_ids = parse_eos_token_ids(config.get("eos_token_id"), folder / "config.json")
     return model, load_tokenizer(folder, eos_ids)

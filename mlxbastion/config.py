@@ -9,6 +9,7 @@ kept in ``extra`` and written back unchanged when a model is saved.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,20 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # RoPE variants we implement; anything else is refused by name rather than
 # silently run as plain RoPE.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+# Integer fields that must be >= 1; those in _OPTIONAL may also be null.
+_POSITIVE_INTS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "vocab_size",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "sliding_window",
+)
+_OPTIONAL = ("num_key_value_heads", "head_dim", "sliding_window")
 
 
 @dataclass
@@ -51,9 +66,16 @@ class ModelArgs:
                 f"unsupported model_type {self.model_type!r}; mlxbastion supports "
                 f"{', '.join(SUPPORTED_MODEL_TYPES)}"
             )
+        self._check_types()
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size ({self.hidden_size}) is not a multiple of "
+                    f"num_attention_heads ({self.num_attention_heads}) and config.json "
+                    "sets no head_dim; fix config.json"
+                )
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
@@ -75,6 +97,29 @@ class ModelArgs:
                 f"{self.model_type} with use_sliding_window=true is not supported; "
                 "no published checkpoint sets it"
             )
+
+    def _check_types(self) -> None:
+        """Refuse values of the wrong type or range, naming the key."""
+        for name in _POSITIVE_INTS:
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"config.json: {name} must be a positive integer, got "
+                    f"{value!r}; fix config.json"
+                )
+        for name in ("rms_norm_eps", "rope_theta"):
+            _check_positive_number(name, getattr(self, name))
+        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(
+                    f"config.json: {name} must be true or false, got {value!r}; "
+                    "fix config.json"
+                )
+        if self.quantization is not None:
+            _check_quantization(self.quantization)
 
     @property
     def qkv_bias(self) -> bool:
@@ -147,6 +192,11 @@ def _normalise_rope(config: dict[str, Any]) -> None:
     mlx-lm and MLX Swift read only the 4.x keys, so saved folders carry those.
     """
     params = config.pop("rope_parameters", None)
+    if params is not None and not isinstance(params, dict):
+        raise ValueError(
+            f"config.json: rope_parameters must be an object, got {params!r}; "
+            "fix config.json"
+        )
     if params:
         if "rope_theta" in params:
             config.setdefault("rope_theta", params["rope_theta"])
@@ -154,6 +204,12 @@ def _normalise_rope(config: dict[str, Any]) -> None:
         if scaling.get("rope_type", scaling.get("type", "default")) != "default":
             config.setdefault("rope_scaling", scaling)
     scaling = config.get("rope_scaling")
+    if scaling is not None and not isinstance(scaling, dict):
+        raise ValueError(
+            f"config.json: rope_scaling must be an object such as "
+            f'{{"rope_type": "linear", "factor": 2.0}} or null, got {scaling!r}; '
+            "fix config.json"
+        )
     if scaling is not None:
         kind = scaling.get("rope_type", scaling.get("type", "default"))
         if kind == "default":
@@ -181,3 +237,43 @@ def _check_rope_scaling(scaling: dict[str, Any]) -> None:
     absent = [key for key in needed.get(kind, []) if key not in scaling]
     if absent:
         raise ValueError(f"rope_scaling of type {kind!r} is missing {absent}")
+    for key in needed.get(kind, []):
+        _check_positive_number(f"rope_scaling.{key}", scaling[key])
+    if kind == "llama3" and scaling["low_freq_factor"] == scaling["high_freq_factor"]:
+        # model.llama3_rope_freqs divides by their difference.
+        raise ValueError(
+            "config.json: rope_scaling.low_freq_factor and high_freq_factor must "
+            f"differ, both are {scaling['low_freq_factor']!r}; fix config.json"
+        )
+
+
+def _check_positive_number(name: str, value: Any) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (ok and math.isfinite(value) and value > 0):
+        raise ValueError(
+            f"config.json: {name} must be a positive number, got {value!r}; "
+            "fix config.json"
+        )
+
+
+def _check_quantization(quantization: Any) -> None:
+    """The mlx-lm ``quantization`` entry: defaults plus optional per-layer ones."""
+    if not isinstance(quantization, dict):
+        raise ValueError(
+            "config.json: quantization must be an object like "
+            f'{{"group_size": 64, "bits": 4}}, got {quantization!r}; fix config.json'
+        )
+    entries = {"quantization": quantization}
+    entries.update(
+        (f"quantization.{k}", v) for k, v in quantization.items() if isinstance(v, dict)
+    )
+    for where, entry in entries.items():
+        for key in ("group_size", "bits"):
+            value = entry.get(key)
+            if value is None and where == "quantization":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"config.json: {where}.{key} must be a positive integer, got "
+                    f"{value!r}; fix config.json"
+                )

@@ -106,6 +106,8 @@ def generate_step(
     logits_processors: list[LogitsProcessor] | None = None,
     cache: list | None = None,
     max_kv_size: int | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
     prefill_step_size: int = 512,
 ) -> Iterator[tuple[int, mx.array]]:
     """Yield ``(token, logprobs)`` for up to ``max_tokens`` new tokens.
@@ -120,10 +122,15 @@ def generate_step(
         cache: a cache from ``model.make_cache()``, updated in place so a
             conversation can continue on it; a fresh one when None.
         max_kv_size: bound a fresh cache to this many tokens.
+        kv_bits: quantize a fresh cache's keys and values to 4 or 8 bits.
+        kv_group_size: their quantization group size along head_dim.
         prefill_step_size: prompt tokens per prefill chunk.
     """
     sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
-    cache = cache if cache is not None else model.make_cache(max_kv_size)
+    if cache is None:
+        cache = model.make_cache(
+            max_kv_size, kv_bits=kv_bits, kv_group_size=kv_group_size
+        )
     history = prompt
 
     def sample(logits: mx.array) -> tuple[mx.array, mx.array]:
@@ -169,6 +176,8 @@ def stream_generate(
     stop: list[str] | None = None,
     cache: list | None = None,
     max_kv_size: int | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
     prefill_step_size: int = 512,
 ) -> Iterator[GenerationResponse]:
     """Generate text from ``prompt``, yielding it piece by piece.
@@ -179,9 +188,14 @@ def stream_generate(
     included in the text), or after ``max_tokens``. The last response has
     ``finish_reason`` set.
 
+    Without a ``cache``, a fresh one is made with ``max_kv_size``, ``kv_bits``
+    and ``kv_group_size`` (see ``Model.make_cache``); with one, they are
+    ignored.
+
     Raises:
-        ValueError: an empty prompt, one longer than the context, or bad
-            sampling settings.
+        ValueError: an empty prompt, one longer than the context, bad
+            sampling settings, or KV cache quantization the model's head_dim
+            does not allow.
     """
     if isinstance(prompt, str):
         prompt = tokenizer.encode(prompt)
@@ -201,6 +215,8 @@ def stream_generate(
         logits_processors=processors,
         cache=cache,
         max_kv_size=max_kv_size,
+        kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
         prefill_step_size=prefill_step_size,
     )
     prompt_tps, n, finish, stopped = 0.0, 0, "length", False

@@ -9,6 +9,10 @@ switches read from ``ModelArgs``:
 - Llama 3.1+ rescales RoPE frequencies (``rope_scaling`` of type llama3);
 - Mistral v0.1 attends over a sliding window (``sliding_window``).
 
+Attention runs on the fused ``mx.fast.scaled_dot_product_attention``, or, when
+the cache stores keys and values quantized, on ``quantized_attention``, which
+reads them through ``mx.quantized_matmul`` without dequantizing the cache.
+
 Module names follow the Hugging Face checkpoints (``model.layers.N.self_attn
 .q_proj`` and so on), so loading weights needs no key map. Shapes use
 ``B`` batch, ``L`` new tokens, ``S`` cached plus new tokens, ``D`` hidden size.
@@ -16,13 +20,16 @@ Module names follow the Hugging Face checkpoints (``model.layers.N.self_attn
 
 from __future__ import annotations
 
+import logging
 import math
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import KVCache, RotatingKVCache
+from .cache import KVCache, RotatingKVCache, kv_group_size_for
 from .config import ModelArgs
+
+logger = logging.getLogger(__name__)
 
 
 class RoPE(nn.Module):
@@ -119,10 +126,22 @@ class Attention(nn.Module):
         if cache is not None:
             keys, values = cache.update_and_fetch(keys, values)
 
-        # The fused kernel handles grouped-query heads without repeating keys.
-        out = mx.fast.scaled_dot_product_attention(
-            queries, keys, values, scale=self.scale, mask=mask
-        )
+        bits = getattr(cache, "bits", None)
+        if bits is not None:
+            out = quantized_attention(
+                queries,
+                keys,
+                values,
+                scale=self.scale,
+                mask=mask,
+                group_size=cache.group_size,
+                bits=bits,
+            )
+        else:
+            # The fused kernel serves grouped-query heads without repeating keys.
+            out = mx.fast.scaled_dot_product_attention(
+                queries, keys, values, scale=self.scale, mask=mask
+            )
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
         return self.o_proj(out)
 
@@ -200,11 +219,42 @@ class Model(nn.Module):
     def layers(self) -> list[TransformerBlock]:
         return self.model.layers
 
-    def make_cache(self, max_kv_size: int | None = None) -> list:
-        """One cache per layer; bounded to ``max_kv_size`` tokens when given."""
+    def make_cache(
+        self,
+        max_kv_size: int | None = None,
+        *,
+        kv_bits: int | None = None,
+        kv_group_size: int = 64,
+    ) -> list:
+        """One cache per layer.
+
+        Args:
+            max_kv_size: bound each cache to this many tokens (the first 4
+                plus a window of the newest).
+            kv_bits: store keys and values quantized to 4 or 8 bits.
+            kv_group_size: numbers along head_dim sharing a scale and a bias
+                (32, 64 or 128). When it does not divide head_dim, the largest
+                smaller one that does is used, with a warning.
+
+        Raises:
+            ValueError: bad ``kv_bits`` or ``kv_group_size``, or ``kv_bits``
+                with a head_dim that is not a multiple of 32.
+        """
+        group_size = kv_group_size
+        if kv_bits is not None:
+            group_size = kv_group_size_for(self.args.head_dim, kv_group_size)
+            if group_size != kv_group_size:
+                logger.warning(
+                    "head_dim %d is not a multiple of kv_group_size %d; "
+                    "quantizing the KV cache in groups of %d",
+                    self.args.head_dim,
+                    kv_group_size,
+                    group_size,
+                )
+        quant = dict(bits=kv_bits, group_size=group_size)
         if max_kv_size is not None:
-            return [RotatingKVCache(max_kv_size) for _ in self.layers]
-        return [KVCache() for _ in self.layers]
+            return [RotatingKVCache(max_kv_size, **quant) for _ in self.layers]
+        return [KVCache(**quant) for _ in self.layers]
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Drop checkpoint tensors that the model recomputes or shares."""
@@ -231,6 +281,73 @@ def attention_mask(
     if window is None or offset + L <= window:
         return "causal" if L > 1 else None
     return causal_mask(L, offset, window)
+
+
+def quantized_attention(
+    queries: mx.array,
+    keys: tuple[mx.array, ...],
+    values: tuple[mx.array, ...],
+    *,
+    scale: float,
+    mask: mx.array | str | None,
+    group_size: int,
+    bits: int,
+) -> mx.array:
+    """Attention over keys and values stored as ``mx.quantize`` triples.
+
+    ``mx.quantized_matmul`` dequantizes group by group inside the product, so
+    the cache is never expanded to full precision. Each key/value head serves
+    its ``n_heads // n_kv_heads`` query heads through a broadcast axis rather
+    than being repeated.
+
+    Args:
+        queries: ``(B, n_heads, L, head_dim)``.
+        keys: ``(codes, scales, biases)``, each ``(B, n_kv_heads, S, ...)``.
+        values: the same for the values.
+        scale: multiplies the scores (``head_dim ** -0.5``).
+        mask: None, "causal" (the last query sees the last key), a boolean
+            mask (True attends) or an additive one, broadcastable to
+            ``(B, n_heads, L, S)``, as ``mx.fast.scaled_dot_product_attention``
+            takes them.
+        group_size: the quantization group size of keys and values.
+        bits: their bits per number.
+
+    Returns:
+        ``(B, n_heads, L, head_dim)``, in the queries' dtype.
+    """
+    B, n_heads, L, head_dim = queries.shape
+    n_kv_heads = keys[0].shape[1]
+    n_repeats = n_heads // n_kv_heads
+    quant = dict(group_size=group_size, bits=bits)
+
+    queries = (queries * scale).reshape(B, n_kv_heads, n_repeats, L, head_dim)
+    keys = tuple(mx.expand_dims(a, 2) for a in keys)  # (B, n_kv_heads, 1, S, ...)
+    values = tuple(mx.expand_dims(a, 2) for a in values)
+
+    # scores: (B, n_kv_heads, n_repeats, L, S); the softmax sums in float32.
+    scores = mx.quantized_matmul(queries, *keys, transpose=True, **quant)
+    if mask is not None:
+        scores = _apply_mask(scores, mask)
+    probs = mx.softmax(scores, axis=-1, precise=True)
+    out = mx.quantized_matmul(probs, *values, transpose=False, **quant)
+    return out.reshape(B, n_heads, L, head_dim)
+
+
+def _apply_mask(scores: mx.array, mask: mx.array | str) -> mx.array:
+    """``scores`` (B, n_kv_heads, n_repeats, L, S) with ``mask`` applied."""
+    n_kv_heads, n_repeats, L, S = scores.shape[1:]
+    if isinstance(mask, str):
+        if mask != "causal":
+            raise ValueError(f"unknown mask {mask!r}; expected 'causal'")
+        mask = mx.arange(S - L, S)[:, None] >= mx.arange(S)[None]
+    if mask.ndim >= 3:
+        # Split the mask's head axis the way the queries' was split.
+        lead = mask.shape[:-3]
+        mask = mx.broadcast_to(mask, (*lead, n_kv_heads * n_repeats, L, S))
+        mask = mask.reshape(*lead, n_kv_heads, n_repeats, L, S)
+    if mask.dtype == mx.bool_:
+        return mx.where(mask, scores, mx.finfo(scores.dtype).min)
+    return scores + mask.astype(scores.dtype)
 
 
 def causal_mask(L: int, offset: int, window: int | None = None) -> mx.array:

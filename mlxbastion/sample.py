@@ -191,8 +191,8 @@ def make_sampler(
     Raises:
         ValueError: If any argument is out of range.
     """
-    if temp < 0:
-        raise ValueError(f"temp must be >= 0 (0 means greedy), got {temp}")
+    if not (temp >= 0 and math.isfinite(temp)):
+        raise ValueError(f"temp must be >= 0 and finite (0 means greedy), got {temp}")
     _check_top_p(top_p)
     _check_top_k(top_k)
     _check_min_p(min_p)
@@ -235,8 +235,8 @@ def make_repetition_penalty(penalty: float, context_size: int = 20) -> LogitsPro
     Raises:
         ValueError: If ``penalty`` or ``context_size`` is out of range.
     """
-    if penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {penalty}")
+    if not (penalty > 0 and math.isfinite(penalty)):
+        raise ValueError(f"repetition_penalty must be > 0 and finite, got {penalty}")
     if context_size < 1:
         raise ValueError(f"repetition_context_size must be >= 1, got {context_size}")
 

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from jinja2.exceptions import TemplateError
+from jinja2.exceptions import TemplateError, TemplateSyntaxError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -41,6 +41,10 @@ logger = logging.getLogger(__name__)
 # SentencePiece's word-boundary marker, U+2581 LOWER ONE EIGHTH BLOCK.
 SPM_SPACE = "\u2581"
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+class ChatTemplateError(ValueError):
+    """The model's chat template has a syntax error or raised while rendering."""
 
 
 class StreamingDetokenizer(abc.ABC):
@@ -427,10 +431,30 @@ class Tokenizer:
 
         Returns:
             The rendered prompt text.
+
+        Raises:
+            ChatTemplateError: If the chat template does not render (a syntax
+                error in it, or an exception it raises).
         """
         if not (use_chat_template and self.has_chat_template):
             return _fold_system(system, prompt)
+        try:
+            return self._format_chat(prompt, system, chat_template_kwargs)
+        except Exception as err:
+            # Jinja raises TemplateError subclasses, but a template's own
+            # expressions can raise anything (TypeError on `'a' + 1`).
+            raise ChatTemplateError(
+                f"the model's chat template fails to render ({one_line_reason(err)}); "
+                "pass --ignore-chat-template (use_chat_template=False) to prompt "
+                "without it, or fix chat_template in tokenizer_config.json"
+            ) from err
 
+    def _format_chat(
+        self,
+        prompt: str,
+        system: str | None,
+        chat_template_kwargs: dict[str, Any] | None,
+    ) -> str:
         user = {"role": "user", "content": prompt}
         kwargs = chat_template_kwargs or {}
         if system is None:
@@ -470,6 +494,9 @@ class Tokenizer:
 
         Returns:
             The prompt's token ids.
+
+        Raises:
+            ChatTemplateError: If the chat template does not render.
         """
         text = self.format_prompt(
             prompt,
@@ -491,29 +518,118 @@ def _fold_system(system: str | None, prompt: str) -> str:
     return prompt if system is None else f"{system}\n\n{prompt}"
 
 
-def _declared_eos_ids(model_path: Path) -> set[int]:
+def parse_eos_token_ids(value: Any, source: str | Path) -> set[int]:
+    """The ids of an ``eos_token_id`` entry: an int, a list of ints, or null.
+
+    Args:
+        value: The entry's value.
+        source: The file it comes from, named in the error.
+
+    Returns:
+        The ids; empty for null.
+
+    Raises:
+        ValueError: If the value is of any other type (a string, a float...).
+    """
+    if value is None:
+        return set()
+    values = value if isinstance(value, list) else [value]
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return set(values)
+    raise ValueError(
+        f"{source}: eos_token_id must be an integer or a list of integers, got "
+        f"{value!r}; fix the file"
+    )
+
+
+def declared_eos_ids(model_path: Path) -> set[int]:
     """Collect the EOS ids that a model folder's config files declare.
 
     ``config.json`` (top level and ``text_config``) and
-    ``generation_config.json`` may each hold an int, a list or null.
+    ``generation_config.json`` may each hold an int, a list of ints or null.
+
+    Args:
+        model_path: The model folder.
+
+    Returns:
+        The declared ids.
+
+    Raises:
+        ValueError: If a file is not valid JSON, or an entry is of another type.
     """
     ids: set[int] = set()
     for name in ("config.json", "generation_config.json"):
         path = model_path / name
         if not path.is_file():
             continue
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from err
-
-        for section in (config, config.get("text_config") or {}):
-            value = section.get("eos_token_id")
-            if isinstance(value, int):
-                ids.add(value)
-            elif isinstance(value, list):
-                ids.update(v for v in value if isinstance(v, int))
+        config = _read_json(path, f"{path}")
+        if not isinstance(config, dict):
+            raise ValueError(f"{path} must hold a JSON object; fix the file")
+        text_config = config.get("text_config")
+        sections = [config, text_config if isinstance(text_config, dict) else {}]
+        for section in sections:
+            ids |= parse_eos_token_ids(section.get("eos_token_id"), path)
     return ids
+
+
+def _read_json(path: Path, label: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"{label} is not valid JSON ({err}); fix or re-download it"
+        ) from err
+
+
+# The tokenizer files that are JSON, checked before transformers reads them.
+TOKENIZER_JSON_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "vocab.json",
+)
+
+
+def check_tokenizer_json(folder: Path) -> None:
+    """Refuse a tokenizer JSON file that does not parse, naming it.
+
+    Args:
+        folder: The model folder.
+
+    Raises:
+        ValueError: ``"tokenizer.json in FOLDER is not valid JSON (...)"``.
+    """
+    for name in TOKENIZER_JSON_FILES:
+        path = Path(folder) / name
+        if path.is_file():
+            _read_json(path, f"{name} in {folder}")
+
+
+def one_line_reason(err: BaseException) -> str:
+    """An exception condensed to one informative line, for error messages.
+
+    transformers reports a tokenizer it cannot build in several lines, and a
+    KeyError prints only the key; both become one line with the type named.
+
+    Args:
+        err: The exception.
+
+    Returns:
+        ``"Type: message"`` on one line, at most about 300 characters.
+    """
+    text = " ".join(str(err).split())
+    if text.startswith("Couldn't instantiate the backend tokenizer"):
+        return (
+            "no usable tokenizer.json, and no slow tokenizer (tokenizer.model) "
+            "that could be converted to one"
+        )
+    if isinstance(err, TemplateSyntaxError):
+        return f"{err.message} (line {err.lineno})"
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def load_tokenizer(
@@ -534,7 +650,9 @@ def load_tokenizer(
 
     Raises:
         FileNotFoundError: If ``model_path`` is not a folder.
-        ValueError: If a config file in it is not valid JSON.
+        ValueError: If a config or tokenizer file in it is not valid JSON, an
+            ``eos_token_id`` is not an int or a list of ints, or the tokenizer
+            does not load (the reason condensed to one line).
     """
     model_path = Path(model_path)
     if not model_path.is_dir():
@@ -544,11 +662,18 @@ def load_tokenizer(
         )
     # Read the configs first: AutoTokenizer also parses config.json and would
     # report a broken one less clearly.
-    eos = set(eos_token_ids or ()) | _declared_eos_ids(model_path)
+    eos = set(eos_token_ids or ()) | declared_eos_ids(model_path)
+    check_tokenizer_json(model_path)
     # transformers takes seconds to import; only pay for it when loading.
     from transformers import AutoTokenizer
 
-    hf = AutoTokenizer.from_pretrained(str(model_path))
+    try:
+        hf = AutoTokenizer.from_pretrained(str(model_path))
+    except Exception as err:
+        raise ValueError(
+            f"cannot load the tokenizer in {model_path} ({one_line_reason(err)}); "
+            "fix or re-download its tokenizer files"
+        ) from err
     return Tokenizer(hf, eos_token_ids=eos)
 
 

@@ -37,7 +37,7 @@ class _StorageType:
 
 
 def _rebuild_tensor(storage, offset, size, stride, *_):
-    data, mx_dtype = storage
+    data, mx_dtype = _check_view(storage, offset, size, stride)
     itemsize = data.dtype.itemsize
     view = np.lib.stride_tricks.as_strided(
         data[offset:], shape=tuple(size), strides=[s * itemsize for s in stride]
@@ -46,6 +46,50 @@ def _rebuild_tensor(storage, offset, size, stride, *_):
     if mx_dtype == mx.bfloat16:
         return mx.array(array).view(mx.bfloat16)
     return mx.array(array).astype(mx_dtype)
+
+
+def _check_view(storage, offset, size, stride) -> tuple[np.ndarray, mx.Dtype]:
+    """Refuse a tensor whose (offset, size, stride) reads outside its storage.
+
+    as_strided does no bounds checks: a corrupt or crafted file would otherwise
+    read other memory, giving garbage or a crash.
+    """
+    if not (
+        isinstance(storage, tuple)
+        and len(storage) == 2
+        and isinstance(storage[0], np.ndarray)
+    ):
+        raise pickle.UnpicklingError("a tensor does not refer to a storage")
+    data = storage[0]
+
+    def ints(value) -> bool:
+        return isinstance(value, (tuple, list)) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        )
+
+    if not (isinstance(offset, int) and ints(size) and ints(stride)) or len(
+        size
+    ) != len(stride):
+        raise pickle.UnpicklingError(
+            f"a tensor has a malformed layout (offset {offset!r}, size {size!r}, "
+            f"stride {stride!r})"
+        )
+    if offset < 0 or any(n < 0 for n in size) or any(s < 0 for s in stride):
+        raise pickle.UnpicklingError(
+            f"a tensor has a negative offset, size or stride (offset {offset}, "
+            f"size {tuple(size)}, stride {tuple(stride)})"
+        )
+    # The last element read is at offset + sum((n - 1) * s); none for size 0.
+    end = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) + 1
+    if 0 in size:
+        end = offset
+    if end > len(data):
+        raise pickle.UnpicklingError(
+            f"a tensor of size {tuple(size)} and stride {tuple(stride)} at offset "
+            f"{offset} reads past its storage of {len(data)} elements; the file "
+            "is corrupt"
+        )
+    return storage
 
 
 def _rebuild_parameter(data, *_):
@@ -72,11 +116,18 @@ class _SafeUnpickler(pickle.Unpickler):
         )
 
     def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
         kind, storage_type, key, _location, _numel = pid
         if kind != "storage" or not isinstance(storage_type, _StorageType):
             raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
         np_dtype, mx_dtype = _STORAGES[storage_type.name]
         raw = self.archive.read(f"{self.prefix}/data/{key}")
+        if len(raw) % np.dtype(np_dtype).itemsize:
+            raise pickle.UnpicklingError(
+                f"storage {key} holds {len(raw)} bytes, not a whole number of "
+                f"{storage_type.name} elements; the file is corrupt"
+            )
         return np.frombuffer(raw, dtype=np_dtype), mx_dtype
 
 
@@ -102,4 +153,10 @@ def load_torch_bin(path: Path) -> dict[str, mx.array]:
         raise ValueError(f"cannot read {path}: {e}") from e
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a state dict")
+    for name, value in state.items():
+        if not isinstance(name, str) or not isinstance(value, mx.array):
+            raise ValueError(
+                f"cannot read {path}: entry {name!r} is a {type(value).__name__}, "
+                "not a tensor; a state dict should hold only tensors"
+            )
     return dict(state)

@@ -159,9 +159,11 @@ def test_convert_draws_a_progress_bar_when_stderr_is_a_tty(hf_dir, tmp_path):
 
 
 def test_convert_force_replaces_a_non_empty_folder(hf_dir, tmp_path):
+    # --force replaces an earlier output (a folder with config.json) only.
     dst = tmp_path / "out"
     dst.mkdir()
     (dst / "old.txt").write_text("old")
+    (dst / "config.json").write_text("{}")
     result = invoke("convert", "--hf-path", hf_dir, "--mlx-path", dst, "--force")
 
     assert result.exit_code == 0, result.stderr

@@ -492,10 +492,11 @@ def test_non_empty_destination_needs_force(tmp_path, src):
     dst = tmp_path / "out"
     dst.mkdir()
     (dst / "keep.txt").write_text("mine")
+    (dst / "config.json").write_text("{}")  # an earlier output
 
     with pytest.raises(FileExistsError, match="--force"):
         convert(src, dst)
-    assert [p.name for p in dst.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in dst.iterdir()) == ["config.json", "keep.txt"]
 
     convert(src, dst, force=True)
     assert not (dst / "keep.txt").exists()
@@ -527,7 +528,7 @@ def test_failure_midway_leaves_destination_as_it_was(
     dst = tmp_path / "out"
     if existing:
         dst.mkdir()
-        (dst / "keep.txt").write_text("mine")
+        (dst / "config.json").write_text("mine")
 
     def fail(folder: Path, weights: dict, progress=None) -> None:
         (folder / "model.safetensors").write_bytes(b"half")
@@ -539,8 +540,8 @@ def test_failure_midway_leaves_destination_as_it_was(
         convert(src, dst, force=existing)
 
     if existing:
-        assert [p.name for p in dst.iterdir()] == ["keep.txt"]
-        assert (dst / "keep.txt").read_text() == "mine"
+        assert [p.name for p in dst.iterdir()] == ["config.json"]
+        assert (dst / "config.json").read_text() == "mine"
     else:
         assert not dst.exists()
     assert _leftovers(tmp_path) == []

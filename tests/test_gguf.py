@@ -847,3 +847,70 @@ def test_missing_transformers_converter_names_version(tmp_path, monkeypatch, sto
     )
     with pytest.raises(ImportError, match=r"transformers>=5\.25"):
         save_gguf_tokenizer(stories, tmp_path / "tok")
+
+
+# --- convert: chat template and dtype -------------------------------------
+
+
+def test_broken_chat_template_is_dropped_with_a_warning(tmp_path, caplog):
+    from mlxbastion.convert import convert
+    from mlxbastion.tokenizer import load_tokenizer
+
+    path = tmp_path / "tiny.gguf"
+    broken = "{% for m in messages %}{{ m['content'] }"
+    write_tiny_gguf(path, fields={"tokenizer.chat_template": broken})
+
+    with caplog.at_level("WARNING", logger="mlxbastion"):
+        out = convert(path, tmp_path / "out")
+
+    assert (
+        f"the chat template of {path} has a syntax error (unexpected '}}' "
+        "(line 1)) and was left out; prompts are sent without it"
+    ) in caplog.text
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert "chat_template" not in config
+    # Plain generation still works: the prompt is encoded without a template.
+    assert load_tokenizer(out).encode_prompt("Once upon a time") == [
+        1,
+        403,
+        407,
+        261,
+        378,
+    ]
+
+
+def test_bfloat16_keeps_quantization_scales_in_float16(tmp_path, caplog):
+    from mlxbastion.convert import convert
+
+    write_tiny_gguf(tmp_path / "tiny.gguf", qtype=Q.Q4_1)
+    with caplog.at_level("INFO", logger="mlxbastion"):
+        out = convert(tmp_path / "tiny.gguf", tmp_path / "out", dtype="bfloat16")
+
+    weights = mx.load(str(out / "model.safetensors"))
+    dtypes = {
+        name.rsplit(".", 1)[-1]: w.dtype
+        for name, w in weights.items()
+        if not name.endswith("weight") or w.ndim == 1
+    }
+    assert dtypes == {
+        "scales": mx.float16,
+        "biases": mx.float16,
+        "weight": mx.bfloat16,  # the norms
+    }
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert "quantization scales and biases in float16 rather than bfloat16" in (
+        caplog.text
+    )
+
+
+@pytest.mark.slow
+def test_smollm2_bfloat16_still_answers(tmp_path):
+    from mlxbastion.checkpoint import load
+    from mlxbastion.convert import convert
+    from mlxbastion.generate import generate
+
+    out = convert(find_smollm2_gguf(), tmp_path / "bf16", dtype="bfloat16")
+    model, tokenizer = load(out)
+    prompt = tokenizer.encode_prompt("What is the capital of France?")
+    text = generate(model, tokenizer, prompt, max_tokens=12)
+    assert text.strip() == "The capital of France is Paris."
