@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import logging
 import lzma
 import os
 import shutil
@@ -58,3 +59,14 @@ def shared_tokenizer_dir(
         return target
 
     return get
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """The CLI points the "mlxbastion" logger at the runner's stderr, closed
+    once the run ends, and stops propagation; undo that after each test so
+    later tests log (and capture logs) as usual."""
+    logger = logging.getLogger("mlxbastion")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved

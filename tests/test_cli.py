@@ -10,7 +10,6 @@ from __future__ import annotations
 import fcntl
 import importlib.metadata
 import json
-import logging
 import os
 import pty
 import re
@@ -39,17 +38,6 @@ REPORT_LINES = (
     r"Peak memory: (?P<peak_memory_gb>\d+\.\d{3}) GB",
 )
 SUPPORTED = "llama, mistral, qwen2, qwen3"
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """The CLI points the "mlxbastion" logger at the runner's stderr, closed
-    once the run ends, and stops propagation; undo that after each test so
-    later tests log (and capture logs) as usual."""
-    logger = logging.getLogger("mlxbastion")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ GGUF, checks the feature on a real chat model.
 
 from __future__ import annotations
 
-import logging
 import re
 
 import mlx.core as mx
@@ -494,16 +493,6 @@ def test_smollm2_8bit_cache_gives_the_same_greedy_tokens(smollm2):
     expected = [t for t, _ in generate_step(prompt, model, max_tokens=20)]
     assert tokens == expected
     assert tokenizer.decode(tokens[:8]) == "The capital of France is Paris.<|im_end|>"
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """The CLI points the "mlxbastion" logger at the runner's stderr; undo
-    that after each test so later ones log (and capture logs) as usual."""
-    logger = logging.getLogger("mlxbastion")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved
 
 
 def invoke(*args: object):

@@ -4,7 +4,6 @@ figure, text and JSON Lines input, the standard error, and bad data."""
 from __future__ import annotations
 
 import json
-import logging
 import math
 import re
 from pathlib import Path
@@ -26,15 +25,6 @@ SUMMARY = re.compile(
     r"(?P<tokens>\d+) tokens in (?P<windows>\d+) windows of (?P<length>\d+); "
     r"mean NLL (?P<nll>\d+\.\d{5})"
 )
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """The CLI points the "mlxbastion" logger at the runner's stderr; undo it."""
-    logger = logging.getLogger("mlxbastion")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved
 
 
 @pytest.fixture(scope="module")

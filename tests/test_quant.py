@@ -9,7 +9,6 @@ random model with SmolLM2-135M's shape; plan logic from tiny random Llamas.
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -59,15 +58,6 @@ PROJECTIONS = [
     "mlp.up_proj",
     "mlp.down_proj",
 ]
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """The CLI points the "mlxbastion" logger at the runner's stderr; undo it."""
-    logger = logging.getLogger("mlxbastion")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved
 
 
 # ---------------------------------------------------------------------------
