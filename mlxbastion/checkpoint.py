@@ -30,8 +30,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .blas import cpu_backend, fast_matmul
 from .config import ModelArgs
-from .model import Model
+from .model import Model, dequantize_for_many_rows
 from .tokenizer import Tokenizer, load_tokenizer, parse_eos_token_ids
 
 logger = logging.getLogger(__name__)
@@ -376,15 +377,11 @@ def default_compute_dtype() -> mx.Dtype | None:
     """float32 on the CPU backend, where float16 and bfloat16 math (and above all
     the quantized matmul with half-precision activations) is several times
     slower; None (keep the checkpoint's dtype) on a GPU."""
-    if mx.default_device() == mx.cpu or not (
-        mx.metal.is_available() or mx.cuda.is_available()
-    ):
-        return mx.float32
-    return None
+    return mx.float32 if cpu_backend() else None
 
 
 def load_model(
-    path: str | Path, *, dtype: str | None = "auto"
+    path: str | Path, *, dtype: str | None = "auto", dequantize: bool = False
 ) -> tuple[Model, dict[str, Any], Path]:
     """Load an MLX (or plain Hugging Face) model folder.
 
@@ -396,6 +393,11 @@ def load_model(
             (a tensor beyond float16's range stays float32, with a warning).
             Asking for float16 or bfloat16 on the CPU backend logs a warning:
             it is much slower there than float32.
+        dequantize: turn quantized layers into float ones once, at load.
+            On the CPU backend the float matmul is faster than the quantized
+            one, at the cost of 4-8x the memory for those weights. Without
+            it, quantized layers on the CPU backend still multiply prompt
+            chunks in float, one layer at a time (``DequantizingLinear``).
 
     Returns:
         The model, its config.json dict, and the resolved folder.
@@ -419,6 +421,12 @@ def load_model(
     parse_eos_token_ids(config.get("eos_token_id"), folder / "config.json")
     model, _ = build_model(config, load_weights(folder))
     on_cpu = default_compute_dtype() is not None
+    if dequantize:
+        from .quant import dequantize_layers
+
+        dequantize_layers(model)
+    elif on_cpu:
+        dequantize_for_many_rows(model, min_rows=4 if fast_matmul() else 16)
     target = default_compute_dtype() if dtype == "auto" else dtype
     if isinstance(target, str):
         target = FLOAT_DTYPES[target]
@@ -655,16 +663,19 @@ def _sigterm_exits() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def load(path: str | Path, *, dtype: str | None = "auto") -> tuple[Model, Tokenizer]:
+def load(
+    path: str | Path, *, dtype: str | None = "auto", dequantize: bool = False
+) -> tuple[Model, Tokenizer]:
     """Load a model folder (or hub repo id) and its tokenizer.
 
     Args:
         path: an MLX or Hugging Face model folder, or a hub repo id.
         dtype: compute dtype, as for ``load_model``.
+        dequantize: dequantize quantized layers at load, as for ``load_model``.
 
     Returns:
         ``(model, tokenizer)``, ready for ``generate`` and ``stream_generate``.
     """
-    model, config, folder = load_model(path, dtype=dtype)
+    model, config, folder = load_model(path, dtype=dtype, dequantize=dequantize)
     eos_ids = parse_eos_token_ids(config.get("eos_token_id"), folder / "config.json")
     return model, load_tokenizer(folder, eos_ids)

@@ -102,6 +102,15 @@ def main(verbose: bool) -> None:
     _setup_logging(verbose)
 
 
+def run() -> None:
+    """The console script: restart with OpenBLAS preloaded where that makes
+    the CPU's matmuls faster (see ``mlxbastion.blas``), then run ``main``."""
+    from .blas import reexec_with_openblas
+
+    reexec_with_openblas()
+    main()
+
+
 class _StageBar:
     """One tqdm bar per stage of a long job, shown only on a terminal."""
 
@@ -395,6 +404,12 @@ def convert(
     show_default=True,
     help="Compute dtype; auto is float32 on CPU, the stored dtype on GPU.",
 )
+@click.option(
+    "--dequantize",
+    is_flag=True,
+    help="Dequantize a quantized model at load: faster on the CPU backend, "
+    "4-8x the weights' memory.",
+)
 @_user_errors
 def generate(
     model: str,
@@ -416,10 +431,12 @@ def generate(
     kv_group_size: int,
     prefill_step_size: int,
     dtype: str,
+    dequantize: bool,
 ) -> None:
     """Generate text from a prompt, streaming it to stdout."""
     import mlx.core as mx
 
+    from .blas import warn_if_reference_blas
     from .checkpoint import load
     from .generate import stream_generate
     from .sample import make_logits_processors, make_sampler
@@ -441,7 +458,8 @@ def generate(
             raise ValueError(f"--seed must be between 0 and 2**64 - 1, got {seed}")
         mx.random.seed(seed)
 
-    llm, tokenizer = load(model, dtype=dtype)
+    warn_if_reference_blas()
+    llm, tokenizer = load(model, dtype=dtype, dequantize=dequantize)
     if adapter_path is not None:
         from .lora import load_adapters
 
@@ -775,6 +793,10 @@ def finetune(model: str, config_file: str | None, force: bool, **flags) -> None:
     data_options = DataOptions(
         **{k: settings[k] for k in _DATA_FIELDS if k in settings}
     )
+    if _is_rank0():
+        from .blas import warn_if_reference_blas
+
+        warn_if_reference_blas()
 
     view = _TrainingView(args.steps_per_report, args.iters)
 
@@ -865,6 +887,97 @@ def fuse(
         f"largest logit difference from model + adapter: {result.max_logit_diff:.2e}",
         err=True,
     )
+
+
+@main.command()
+@click.option("--model", required=True, help="Model folders, comma-separated.")
+@click.option(
+    "--prompt-tokens",
+    default="128,512,2048",
+    show_default=True,
+    help="Prompt lengths (context), comma-separated.",
+)
+@click.option(
+    "--gen-tokens",
+    default=128,
+    show_default=True,
+    type=click.IntRange(min=2),
+    help="Tokens generated per sequence (EOS does not stop them).",
+)
+@click.option(
+    "--batch-size", default="1", show_default=True, help="Batch sizes, comma-separated."
+)
+@click.option(
+    "--kv-bits",
+    default="none",
+    show_default=True,
+    help="KV cache bits: none, 8 or 4, comma-separated.",
+)
+@click.option(
+    "--dtype",
+    default="auto",
+    show_default=True,
+    help="auto, float32, bfloat16 or float16, comma-separated.",
+)
+@click.option(
+    "--repeat",
+    default=5,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Timed runs per combination (median, min, max).",
+)
+@click.option(
+    "--warmup",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Untimed runs first.",
+)
+@click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Seed of the random prompt ids.",
+)
+@click.option(
+    "--prefill-step-size", default=512, show_default=True, type=click.IntRange(min=1)
+)
+@click.option(
+    "--compare",
+    type=click.Choice(["mlx-lm"]),
+    help="Also run mlx-lm on the same model and prompts, and give ratios.",
+)
+@click.option("--json", "json_path", help="Write the rows as JSON Lines.")
+@click.option("--csv", "csv_path", help="Write the rows as CSV.")
+@click.option("--plot", "plot_path", help="Plot speed against context to a PNG.")
+@_user_errors
+def benchmark(
+    json_path: str | None,
+    csv_path: str | None,
+    plot_path: str | None,
+    **flags,
+) -> None:
+    """Measure prompt and generation speed over a sweep, like llama-bench."""
+    from . import benchmark as bench
+
+    options = bench.parse_options(**flags)
+    bench.check_outputs(json_path=json_path, csv_path=csv_path, plot_path=plot_path)
+    # Each run is logged at INFO: the progress of a long sweep.
+    progress = logging.getLogger(bench.__name__)
+    saved = progress.level
+    if progress.getEffectiveLevel() > logging.INFO:
+        progress.setLevel(logging.INFO)
+    try:
+        rows = bench.run_benchmark(options)
+    finally:
+        progress.setLevel(saved)
+    written = bench.write_outputs(
+        rows, json_path=json_path, csv_path=csv_path, plot_path=plot_path
+    )
+    click.echo(bench.format_table(rows), err=True)
+    for path in written:
+        click.echo(f"Wrote {path}", err=True)
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def prefill(
         # Only the cache is evaluated: the chunk's logits are never computed.
         mx.eval([c.state for c in cache])
         tokens = tokens[prefill_step_size:]
-    return model(tokens[None], cache=cache)[:, -1, :]
+    return model(tokens[None], cache=cache, last_only=True)[:, -1, :]
 
 
 def generate_step(
