@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 DEMO_DIR ?= demo_models
 DEMO_QUESTION ?= What is the capital of France?
 
-.PHONY: install demo test clean
+.PHONY: install demo test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The benchmark suite (benchmarks/README.md); BENCH_FLAGS=--reduced on a
+# small machine, --quick for a few minutes' check.
+bench: install
+	$(PY) benchmarks/suite.py $(BENCH_FLAGS)
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

@@ -29,7 +29,7 @@ for question in questions:
         ids = tokenizer.encode("\n".join(m["content"] for m in messages))
 
     # Feed only what the cache has not seen yet.
-    new = ids[len(seen):]
+    new = ids[len(seen) :]
     answer = generate(model, tokenizer, new, max_tokens=40, cache=cache)
     print(f"> {question}\n{answer}\n")
 

@@ -168,6 +168,8 @@ class BenchmarkOptions:
         seed: seed of the random prompt ids.
         prefill_step_size: prompt tokens per prefill chunk.
         compare: "mlx-lm" to run mlx-lm too, or None.
+        dequantize: load our model with quantized layers dequantized (see
+            ``load``); mlx-lm's stays as stored.
     """
 
     models: list[str]
@@ -181,6 +183,7 @@ class BenchmarkOptions:
     seed: int = 0
     prefill_step_size: int = 512
     compare: str | None = None
+    dequantize: bool = False
 
     def check(self) -> None:
         """Refuse settings no model could run.
@@ -475,7 +478,8 @@ def measure_bandwidth(nbytes: int = BANDWIDTH_BYTES, repeats: int = 5) -> float:
     """The memory bandwidth in bytes per second, measured once per process.
 
     Copies a float32 array of ``nbytes`` ``repeats`` times after one warm-up
-    copy and takes the median of bytes read plus written over the time. On
+    copy and takes the fastest, as bytes read plus written over the time (a
+    busy machine only slows copies down, so the fastest is the memory's). On
     the CPU backend numpy does the copy: MLX's element-wise kernels are not
     vectorized there and would measure the kernel, not the memory. On a GPU
     an evaluated MLX copy measures the device's memory. Later calls return
@@ -503,7 +507,7 @@ def measure_bandwidth(nbytes: int = BANDWIDTH_BYTES, repeats: int = 5) -> float:
             copy()
             if n:
                 times.append(time.perf_counter() - tic)
-        _bandwidth = 2 * (nbytes // 4 * 4) / statistics.median(times)
+        _bandwidth = 2 * (nbytes // 4 * 4) / min(times)
         mx.clear_cache()
         logger.info("memory bandwidth: %.1f GB/s", _bandwidth / 1e9)
     return _bandwidth
@@ -921,7 +925,9 @@ def check_models(options: BenchmarkOptions) -> list[ModelInfo]:
     return infos
 
 
-def load_engines(info: ModelInfo, *, dtype: str, compare: str | None) -> list[Engine]:
+def load_engines(
+    info: ModelInfo, *, dtype: str, compare: str | None, dequantize: bool = False
+) -> list[Engine]:
     """Our model loaded with ``dtype``, and mlx-lm's when comparing.
 
     mlx-lm keeps the stored dtype when ``dtype`` is "auto"; otherwise its
@@ -930,7 +936,7 @@ def load_engines(info: ModelInfo, *, dtype: str, compare: str | None) -> list[En
     from .checkpoint import FLOAT_DTYPES, cast_floats, load
 
     logger.info("loading %s (dtype %s)", info.name, dtype)
-    model, _ = load(info.path, dtype=dtype)
+    model, _ = load(info.path, dtype=dtype, dequantize=dequantize)
     engines = [ours(model)]
     if compare == MLX_LM:
         import mlx_lm
@@ -981,7 +987,12 @@ def run_benchmark(
     rows = []
     for info in infos:
         for dtype in options.dtypes:
-            engines = load_engines(info, dtype=dtype, compare=options.compare)
+            engines = load_engines(
+                info,
+                dtype=dtype,
+                compare=options.compare,
+                dequantize=options.dequantize,
+            )
             for prompt_tokens, batch_size, kv_bits in combos:
                 spec = _spec(info, options, prompt_tokens, batch_size, kv_bits)
                 runs = measure(engines, spec, options=options, progress=progress)
@@ -1117,6 +1128,7 @@ def _row(
         "model_path": str(info.path),
         "model_type": info.args.model_type,
         "dtype_setting": dtype,
+        "dequantize": options.dequantize,
         "bits": info.bits,
         "group_size": info.group_size,
         "kv_bits": spec.kv_bits,

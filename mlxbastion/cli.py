@@ -948,6 +948,11 @@ def fuse(
     type=click.Choice(["mlx-lm"]),
     help="Also run mlx-lm on the same model and prompts, and give ratios.",
 )
+@click.option(
+    "--dequantize",
+    is_flag=True,
+    help="Dequantize quantized models at load (ours only), as generate does.",
+)
 @click.option("--json", "json_path", help="Write the rows as JSON Lines.")
 @click.option("--csv", "csv_path", help="Write the rows as CSV.")
 @click.option("--plot", "plot_path", help="Plot speed against context to a PNG.")
@@ -960,10 +965,12 @@ def benchmark(
 ) -> None:
     """Measure prompt and generation speed over a sweep, like llama-bench."""
     from . import benchmark as bench
+    from .blas import warn_if_reference_blas
 
     options = bench.parse_options(**flags)
     bench.check_outputs(json_path=json_path, csv_path=csv_path, plot_path=plot_path)
     # Each run is logged at INFO: the progress of a long sweep.
+    warn_if_reference_blas()
     progress = logging.getLogger(bench.__name__)
     saved = progress.level
     if progress.getEffectiveLevel() > logging.INFO:
@@ -980,5 +987,88 @@ def benchmark(
         click.echo(f"Wrote {path}", err=True)
 
 
+@main.command("benchmark-finetune")
+@click.option("--model", required=True, help="A float model folder (or hub id).")
+@click.option(
+    "--data", required=True, help="A folder with train.jsonl and valid.jsonl."
+)
+@click.option(
+    "--fine-tune-type",
+    default="lora,qlora",
+    show_default=True,
+    help="lora, qlora (a 4-bit copy of --model), or both, comma-separated.",
+)
+@click.option("--iters", default=20, show_default=True, type=int)
+@click.option(
+    "--warmup-iters",
+    default=2,
+    show_default=True,
+    type=int,
+    help="Leading iterations left out of every figure.",
+)
+@click.option("--batch-size", default=4, show_default=True, type=int)
+@click.option("--max-seq-length", default=2048, show_default=True, type=int)
+@click.option(
+    "--num-layers",
+    default=16,
+    show_default=True,
+    type=int,
+    help="Adapt the last N blocks (-1: all).",
+)
+@click.option("--rank", default=8, show_default=True, type=int)
+@click.option("--scale", default=20.0, show_default=True, type=float)
+@click.option("--learning-rate", default=1e-5, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--compare",
+    type=click.Choice(["mlx-lm"]),
+    help="Also train with mlx_lm.lora on the same model and data, and give ratios.",
+)
+@click.option(
+    "--work-dir",
+    help="Keep the quantized copy, adapters and logs here (default: a temporary "
+    "folder, removed).",
+)
+@click.option("--json", "json_path", help="Write the rows as JSON Lines.")
+@click.option("--csv", "csv_path", help="Write the rows as CSV.")
+@_user_errors
+def benchmark_finetune(
+    model: str,
+    data: str,
+    fine_tune_type: str,
+    compare: str | None,
+    json_path: str | None,
+    csv_path: str | None,
+    **settings,
+) -> None:
+    """Measure fine-tuning tokens/s and peak memory, LoRA and QLoRA."""
+    from . import benchmark as bench
+    from . import benchmark_train
+    from .blas import warn_if_reference_blas
+
+    bench.check_outputs(json_path=json_path, csv_path=csv_path)
+    warn_if_reference_blas()
+    progress = logging.getLogger(benchmark_train.__name__)
+    saved = progress.level
+    if progress.getEffectiveLevel() > logging.INFO:
+        progress.setLevel(logging.INFO)
+    try:
+        rows = benchmark_train.benchmark_finetune(
+            model,
+            data,
+            fine_tune_types=fine_tune_type,
+            compare_mlx_lm=compare == "mlx-lm",
+            **settings,
+        )
+    finally:
+        progress.setLevel(saved)
+    env = bench.environment()
+    rows = [{**env, **row} for row in rows]
+    written = bench.write_outputs(rows, json_path=json_path, csv_path=csv_path)
+    click.echo(benchmark_train.format_table(rows), err=True)
+    for path in written:
+        click.echo(f"Wrote {path}", err=True)
+
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -472,9 +472,11 @@ ADAPTER_TYPES = (LoRALinear, DoRALinear)
 def _chosen_blocks(model: nn.Module, num_layers: int) -> list[nn.Module]:
     blocks = list(model.layers)
     if num_layers > len(blocks):
-        raise ValueError(
-            f"num_layers is {num_layers} but the model has {len(blocks)} blocks; "
-            f"use at most {len(blocks)}, or -1 for all"
+        # As in mlx-lm, the default of 16 on a smaller model means all blocks.
+        logger.info(
+            "num_layers is %d but the model has %d blocks; adapting all of them",
+            num_layers,
+            len(blocks),
         )
     # mlx-lm slices layers[-max(n, 0):], so 0 and -1 both mean every block.
     return blocks[-max(num_layers, 0) :]
