@@ -29,6 +29,8 @@ demo: install
 	fi
 	$(VENV)/bin/mlxbastion generate --model $(DEMO_DIR)/smollm2-135m-instruct \
 		--prompt "$(DEMO_QUESTION)" --max-tokens 64
+	$(VENV)/bin/mlxbastion benchmark --model $(DEMO_DIR)/smollm2-135m-instruct \
+		--prompt-tokens 128 --gen-tokens 32 --repeat 2
 
 test: install
 	$(PY) -m pytest -q

@@ -105,6 +105,49 @@ def run_part(
         "--compare", "mlx-lm",
         "--json", part,
     )  # fmt: skip
+    return take_rows(part)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Bars of prompt and generation tok/s, ours beside mlx-lm, row by row."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    labels = [
+        f"{Path(r['model']).name.rsplit('-', 1)[0]} {weights_label(r)}, "
+        f"{r['dtype']} / {r['mlx_lm_dtype']}, prompt {r['prompt_tokens']}"
+        for r in rows
+    ]
+    y = np.arange(len(rows))[::-1]
+    figure = Figure(figsize=(13, 1.5 + 0.32 * len(rows)), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, 2, sharey=True)
+    for ax, (field, title) in zip(
+        axes,
+        (
+            ("prompt_tps_median", "prompt tok/s"),
+            ("decode_tps_median", "generation tok/s"),
+        ),
+        strict=True,
+    ):
+        ax.barh(y + 0.2, [r[field] for r in rows], 0.4, label="mlxbastion")
+        ax.barh(y - 0.2, [r[f"mlx_lm_{field}"] for r in rows], 0.4, label="mlx-lm")
+        ax.set_xscale("log")
+        ax.set_title(f"{title} (log scale; dtypes: ours / mlx-lm)")
+        ax.grid(True, axis="x", alpha=0.3)
+    axes[0].set_yticks(y, labels, fontsize="small")
+    axes[1].legend(loc="lower right")
+    env = rows[0]
+    figure.suptitle(
+        f"{env['processor']}, {env['cpu_count']} CPUs, {env['device']}, "
+        f"mlx {env['mlx_version']}, mlx-lm {env['mlx_lm_version']}"
+    )
+    figure.savefig(path, format="png", dpi=90)
+
+
+def take_rows(part: Path) -> list[dict]:
+    """The rows of a part file, which is then removed."""
     rows = [json.loads(line) for line in part.read_text().splitlines()]
     part.unlink()
     return rows
@@ -140,7 +183,7 @@ def markdown(rows: list[dict]) -> str:
         "",
         "| model | weights | settings | ours dtype | mlx-lm dtype | prompt | gen "
         "| runs | ours pp | ours tg | mlx-lm pp | mlx-lm tg | pp ratio | tg ratio "
-        "| roofline (ours) | peak GB (ours) |",
+        "| roofline (ours) | peak GB (both loaded) |",
         "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -223,7 +266,7 @@ FINETUNE_MODEL = "smollm2-135m"
     "--models",
     default=",".join(MODELS),
     show_default=True,
-    help="Configurations to run, comma-separated.",
+    help="Configurations to run, comma-separated; none for the fine-tuning part alone.",
 )
 @click.option("--prompt-tokens", default="128,512", show_default=True)
 @click.option("--gen-tokens", default=128, show_default=True)
@@ -268,7 +311,7 @@ def main(
     keep: bool,
 ) -> None:
     """Build the models, benchmark them against mlx-lm, write the results."""
-    names = models.split(",")
+    names = [] if models == "none" else models.split(",")
     plan = REDUCED_PLAN if reduced else FULL_PLAN
     if quick:
         names, prompt_tokens, gen_tokens, repeat = names[:1], "128", 32, 1
@@ -299,8 +342,19 @@ def main(
             )
             write(rows, train_rows, out_dir)
     if finetune:
+        # A float32 copy, so that both trainers compute in float32 (on a
+        # bfloat16 model mlx-lm trains in bfloat16, ~20x slower on a CPU).
         folders = build(FINETUNE_MODEL, Path(models_dir))
-        train_rows = run_finetune(folders["bf16"], target)
+        float32 = Path(models_dir) / f"{FINETUNE_MODEL}-f32"
+        if not (float32 / "config.json").exists():
+            mlxbastion(
+                "convert",
+                "--hf-path", folders["bf16"],
+                "--mlx-path", float32,
+                "--dtype", "float32",
+                "--force",
+            )  # fmt: skip
+        train_rows = run_finetune(float32, target)
         write(rows, train_rows, out_dir)
     click.echo(f"wrote {out_dir / 'RESULTS.md'} ({len(rows)} rows)", err=True)
 
@@ -334,14 +388,12 @@ def run_finetune(model: Path, out: Path) -> list[dict]:
         "--iters", 12,
         "--warmup-iters", 2,
         "--batch-size", 4,
-        "--max-seq-length", 512,
+        "--max-seq-length", 256,
         "--num-layers", 16,
         "--compare", "mlx-lm",
         "--json", part,
     )  # fmt: skip
-    rows = [json.loads(line) for line in part.read_text().splitlines()]
-    part.unlink()
-    return rows
+    return take_rows(part)
 
 
 def write(rows: list[dict], train_rows: list[dict], out_dir: Path) -> None:
@@ -351,11 +403,8 @@ def write(rows: list[dict], train_rows: list[dict], out_dir: Path) -> None:
     rows = sorted(
         rows, key=lambda r: order.index(Path(r["model"]).name.rsplit("-", 1)[0])
     )
-    write_outputs(
-        rows,
-        json_path=str(out_dir / "results.jsonl"),
-        plot_path=str(out_dir / "results.png"),
-    )
+    write_outputs(rows, json_path=str(out_dir / "results.jsonl"))
+    plot(rows, out_dir / "results.png")
     if train_rows:
         write_outputs(train_rows, json_path=str(out_dir / "finetune.jsonl"))
     text = markdown(rows) + (finetune_markdown(train_rows) if train_rows else "")

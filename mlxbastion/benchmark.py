@@ -1169,17 +1169,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no results"
     compare = "compare" in rows[0]
-    table = [_TABLE_HEADER + (_COMPARE_HEADER if compare else [])]
-    table += [_table_cells(r, compare=compare) for r in rows]
-    widths = [max(len(cells[i]) for cells in table) for i in range(len(table[0]))]
-    lines = [
-        "  ".join(
-            cell.ljust(width) if i < 2 else cell.rjust(width)
-            for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
-        )
-        for cells in table
-    ]
-    lines.insert(1, "  ".join("-" * width for width in widths))
+    header = _TABLE_HEADER + (_COMPARE_HEADER if compare else [])
+    cells = [_table_cells(r, compare=compare) for r in rows]
+    lines = text_table(header, cells, left=2)
 
     r = rows[0]
     lines.append(
@@ -1195,6 +1187,22 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             + settings.get(r["settings"], "identical dtypes")
         )
     return "\n".join(lines)
+
+
+def text_table(header: list[str], rows: list[list[str]], *, left: int) -> list[str]:
+    """Lines of a plain-text table: the first ``left`` columns aligned left,
+    the rest right, a rule under the header."""
+    table = [header, *rows]
+    widths = [max(len(cells[i]) for cells in table) for i in range(len(header))]
+    lines = [
+        "  ".join(
+            cell.ljust(width) if i < left else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
+        )
+        for cells in table
+    ]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return lines
 
 
 _TABLE_HEADER = ["model", "dtype", "bits", "kv", "prompt", "batch", "pp tok/s",
@@ -1325,12 +1333,16 @@ def _write_plot(rows: list[dict[str, Any]], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(11, 4.5), layout="constrained")
+    lines = plot_lines(rows)
+    # The legend goes under the plots, two entries a row; the figure grows
+    # with it so the plots keep their size.
+    figure = Figure(figsize=(11, 4.5 + 0.2 * math.ceil(len(lines) / 2)))
+    figure.set_layout_engine("constrained")
     FigureCanvasAgg(figure)
     decode_ax, prompt_ax = figure.subplots(1, 2)
     # One colour per configuration; the engines differ in line and marker.
     colours: dict[tuple, str] = {}
-    for key, points in plot_lines(rows).items():
+    for key, points in lines.items():
         model, setting, dtype, bits, kv, batch, engine = key
         colour = colours.setdefault(key[:2] + key[3:6], f"C{len(colours) % 10}")
         label = (
@@ -1351,10 +1363,21 @@ def _write_plot(rows: list[dict[str, Any]], path: Path) -> None:
         decode_ax.plot(x, [p[1] for p in points], **style)
         prompt_ax.plot(x, [p[2] for p in points], **style)
     _style_axes(rows, decode_ax, prompt_ax)
+    figure.legend(
+        *decode_ax.get_legend_handles_labels(),
+        loc="outside lower center",
+        ncols=2,
+        fontsize="small",
+    )
     r = rows[0]
+    generated = {row["gen_tokens"] for row in rows}
     figure.suptitle(
         f"{r['processor'] or r['machine']}, {r['device']}, mlx {r['mlx_version']}, "
-        f"{r['gen_tokens']} generated tokens",
+        + (
+            f"{r['gen_tokens']} generated tokens"
+            if len(generated) == 1
+            else f"{min(generated)}-{max(generated)} generated tokens"
+        ),
         fontsize="medium",
     )
     figure.savefig(path, format="png", dpi=100)
@@ -1371,4 +1394,3 @@ def _style_axes(rows: list[dict[str, Any]], decode_ax, prompt_ax) -> None:
         ax.set_title(f"{phase} speed")
         ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
-    decode_ax.legend(fontsize="small")

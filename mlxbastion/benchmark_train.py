@@ -289,6 +289,8 @@ def summarize_iterations(
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """A plain-text table of the rows, ratios included when present."""
+    from .benchmark import text_table
+
     if not rows:
         return "no results"
     header = ["type", "engine", "dtype", "bits", "tokens/s", "it/s", "peak GB",
@@ -296,9 +298,9 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     compare = any("train_tokens_per_s_ratio" in r for r in rows)
     if compare:
         header += ["tok/s ratio", "memory ratio"]
-    table = [header]
+    cells = []
     for r in rows:
-        cells = [
+        row = [
             r["fine_tune_type"],
             r["engine"],
             r["compute_dtype"],
@@ -311,20 +313,12 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         if compare:
             ratio = r.get("train_tokens_per_s_ratio")
             memory = r.get("peak_memory_ratio")
-            cells += [
+            row += [
                 f"{ratio:.2f}x" if ratio else "",
                 f"{memory:.2f}x" if memory else "",
             ]
-        table.append(cells)
-    widths = [max(len(cells[i]) for cells in table) for i in range(len(header))]
-    lines = [
-        "  ".join(
-            cell.ljust(width) if i < 3 else cell.rjust(width)
-            for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
-        )
-        for cells in table
-    ]
-    lines.insert(1, "  ".join("-" * width for width in widths))
+        cells.append(row)
+    lines = text_table(header, cells, left=3)
     r = rows[0]
     lines.append(
         f"{r['timed_iters']} timed iterations after {r['warmup_iters']} warm-up, "

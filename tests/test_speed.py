@@ -17,7 +17,11 @@ from test_quant import quantize_cli, save_model, tiny_model
 
 from mlxbastion import blas, load
 from mlxbastion.generate import generate_step, prefill
-from mlxbastion.model import DequantizingLinear, dequantize_for_many_rows
+from mlxbastion.model import (
+    DequantizingEmbedding,
+    DequantizingLinear,
+    dequantize_for_many_rows,
+)
 
 
 def quantized_layer(bits: int, bias: bool) -> nn.QuantizedLinear:
@@ -41,6 +45,24 @@ def test_many_rows_go_through_float_and_match_the_quantized_kernel(bits, bias):
     out = layer(x)
     assert out.shape == (2, 20, 96)
     assert mx.allclose(out, expected, atol=1e-4).item()
+
+
+def test_a_tied_head_of_many_rows_goes_through_float_and_matches():
+    embedding = nn.Embedding(300, 128)
+    embedding.weight = mx.random.normal((300, 128))
+    quantized = nn.QuantizedEmbedding.from_embedding(embedding, group_size=64, bits=4)
+    x = mx.random.normal((2, 20, 128))
+    ids = mx.array([[0, 5, 299]])
+    expected_head, expected_rows = quantized.as_linear(x), quantized(ids)
+    assert dequantize_for_many_rows(quantized, min_rows=8) == 1
+    assert isinstance(quantized, DequantizingEmbedding)
+    head = quantized.as_linear(x)
+    assert head.shape == (2, 20, 300)
+    assert mx.allclose(head, expected_head, atol=1e-4).item()
+    assert mx.array_equal(quantized(ids), expected_rows).item()
+    # Swapping again changes the threshold only.
+    assert dequantize_for_many_rows(quantized, min_rows=16) == 1
+    assert quantized.min_rows == 16
 
 
 def test_few_rows_keep_the_quantized_kernel(monkeypatch):
@@ -70,6 +92,7 @@ def test_load_makes_quantized_linears_dequantize_for_prompts(q4_folder):
     model, _ = load(q4)
     kinds = {type(m) for _, m in model.named_modules()}
     assert DequantizingLinear in kinds
+    assert DequantizingEmbedding in kinds
     assert nn.Linear not in kinds
     expected = 4 if blas.fast_matmul() else 16
     assert {m.min_rows for _, m in model.named_modules() if hasattr(m, "min_rows")} == {
