@@ -168,7 +168,8 @@ def markdown(rows: list[dict]) -> str:
         f"{env['ram_gb']:.0f} GB, {env['os']}; mlx {env['mlx_version']}, "
         f"mlx-lm {env['mlx_lm_version']}, backend {env['device']}; BLAS: "
         f"{env['blas']}; memory bandwidth (copy) {env['bandwidth_gbps']:.1f} GB/s; "
-        f"commit {env['git_commit'][:10] if env['git_commit'] else 'unknown'}, "
+        f"commit {env['git_commit'][:10] if env['git_commit'] else 'unknown'}"
+        f"{' with uncommitted changes' if env.get('git_dirty') else ''}, "
         f"{env['date']}.",
         "",
         "Random-weight models of the named configurations; prompts of random "

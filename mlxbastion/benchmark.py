@@ -63,7 +63,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .blas import cpu_backend
+from .blas import cpu_backend, warn_if_reference_blas
 from .cache import KV_BITS, kv_cache_bytes, kv_group_size_for
 from .config import ModelArgs
 
@@ -976,6 +976,7 @@ def run_benchmark(
     """
     options.check()
     infos = check_models(options)
+    warn_if_reference_blas()
     bandwidth = bandwidth or measure_bandwidth()
     combos = list(
         itertools.product(options.prompt_tokens, options.batch_sizes, options.kv_bits)
@@ -1181,10 +1182,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         f"{r['gen_tokens']} generated tokens"
     )
     if compare:
-        settings = {"defaults": "each engine's default dtype"}
         lines.append(
-            "ratios are ours / mlx-lm, settings: "
-            + settings.get(r["settings"], "identical dtypes")
+            "ratios are ours / mlx-lm; dtype auto runs each engine's default "
+            "dtype, a named dtype runs both in it"
         )
     return "\n".join(lines)
 

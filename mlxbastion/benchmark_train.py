@@ -56,6 +56,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -164,6 +165,14 @@ def benchmark_finetune(
     folder = resolve_model_path(model)
     config = load_config(folder)
     _check_model(folder, config, types, num_layers)
+    # Both engines adapt the same blocks: mlx-lm's trainer refuses more
+    # than the model has, so the count is made exact here.
+    blocks = config.get("num_hidden_layers")
+    if isinstance(blocks, int) and (num_layers > blocks or num_layers <= 0):
+        num_layers = blocks
+    from .blas import warn_if_reference_blas
+
+    warn_if_reference_blas()
 
     settings = {
         "iters": iters,
@@ -352,6 +361,10 @@ def _check_types(fine_tune_types: str | Sequence[str]) -> list[str]:
 
 
 def _check_data(data: Path) -> Path:
+    if data.is_file():
+        raise ValueError(
+            f"{data} is a file; give the folder that holds train.jsonl and valid.jsonl"
+        )
     if not data.is_dir():
         raise ValueError(
             f"data folder {data} does not exist; give a folder holding "
@@ -434,6 +447,8 @@ def _stored_dtype(config: dict[str, Any]) -> str:
 def _work_folder(work_dir: str | Path | None) -> Iterator[Path]:
     if work_dir is not None:
         path = Path(work_dir).resolve()
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"--work-dir {work_dir} is a file; give a folder")
         path.mkdir(parents=True, exist_ok=True)
         yield path
         return
@@ -488,18 +503,26 @@ def _run_worker(run_dir: Path, spec: dict[str, Any]) -> dict[str, Any]:
         )
     result_path = Path(spec["result"])
     if done.returncode != 0 or not result_path.is_file():
-        tail = log_path.read_text(errors="replace").strip().splitlines()[-20:]
-        logger.error(
-            "%s run failed; the end of %s:\n%s",
-            spec["engine"],
-            log_path,
-            "\n".join(tail),
-        )
-        last = tail[-1] if tail else "no output"
-        raise RuntimeError(
-            f"the {spec['engine']} training run failed (exit {done.returncode}): {last}"
+        lines = log_path.read_text(errors="replace").strip().splitlines()
+        logger.debug("the end of %s:\n%s", log_path, "\n".join(lines[-20:]))
+        raise WorkerFailed(
+            f"the {spec['engine']} training run failed: {_last_error(lines)} "
+            f"(its log: {log_path}, kept with --work-dir)"
         )
     return json.loads(result_path.read_text())
+
+
+class WorkerFailed(ValueError):
+    """A training run of the benchmark failed; the message says why."""
+
+
+def _last_error(lines: list[str]) -> str:
+    """The exception message at the end of a log, without its class name."""
+    for line in reversed(lines):
+        found = re.match(r"^[\w.]*(Error|Exception): (.*)$", line.strip())
+        if found:
+            return found.group(2)
+    return lines[-1].strip() if lines else "no output"
 
 
 def _add_ratios(ours: dict[str, Any], theirs: dict[str, Any]) -> None:

@@ -12,7 +12,7 @@ Getting OpenBLAS: ``apt-get install libopenblas0-pthread`` on Debian and
 Ubuntu, ``dnf install openblas-threads`` on Fedora. Using the library from
 Python, preload it yourself::
 
-    LD_PRELOAD=$(python -m mlxbastion.blas) python my_script.py
+    LD_PRELOAD=libopenblas.so.0 python my_script.py
 """
 
 from __future__ import annotations
@@ -90,18 +90,19 @@ def reexec_with_openblas() -> None:
 
 
 def warn_if_reference_blas() -> None:
-    """Log once how to get fast matmuls when the reference BLAS serves them."""
-    if fast_matmul():
+    """Log how to get fast matmuls when the reference BLAS serves them,
+    unless ``MLXBASTION_BLAS=reference`` says that is what the user wants."""
+    if fast_matmul() or os.environ.get("MLXBASTION_BLAS", "").lower() == "reference":
         return
+    if find_openblas() is None:
+        how = (
+            "install OpenBLAS (apt-get install libopenblas0-pthread) and the "
+            "mlxbastion command preloads it"
+        )
+    else:
+        how = "run the mlxbastion command, or preload LD_PRELOAD=libopenblas.so.0"
     logger.warning(
-        "float matmuls run on the reference BLAS (slow prompt processing and "
-        "training); install OpenBLAS (apt-get install libopenblas0-pthread) "
-        "and mlxbastion preloads it"
+        "float matmuls run on the reference BLAS, so prompts and training are "
+        "slow; %s (MLXBASTION_BLAS=reference hides this)",
+        how,
     )
-
-
-if __name__ == "__main__":
-    path = find_openblas()
-    if path is None:
-        sys.exit("no OpenBLAS found; apt-get install libopenblas0-pthread")
-    print(path)

@@ -436,7 +436,6 @@ def generate(
     """Generate text from a prompt, streaming it to stdout."""
     import mlx.core as mx
 
-    from .blas import warn_if_reference_blas
     from .checkpoint import load
     from .generate import stream_generate
     from .sample import make_logits_processors, make_sampler
@@ -458,7 +457,6 @@ def generate(
             raise ValueError(f"--seed must be between 0 and 2**64 - 1, got {seed}")
         mx.random.seed(seed)
 
-    warn_if_reference_blas()
     llm, tokenizer = load(model, dtype=dtype, dequantize=dequantize)
     if adapter_path is not None:
         from .lora import load_adapters
@@ -515,6 +513,10 @@ def _report(response, cache: list) -> None:
             f"{cache[0].group_size}; {full:.1f} MB unquantized)",
             err=True,
         )
+    # Last, beside the figures it explains, and never before an error.
+    from .blas import warn_if_reference_blas
+
+    warn_if_reference_blas()
 
 
 @main.command()
@@ -793,11 +795,6 @@ def finetune(model: str, config_file: str | None, force: bool, **flags) -> None:
     data_options = DataOptions(
         **{k: settings[k] for k in _DATA_FIELDS if k in settings}
     )
-    if _is_rank0():
-        from .blas import warn_if_reference_blas
-
-        warn_if_reference_blas()
-
     view = _TrainingView(args.steps_per_report, args.iters)
 
     def prepared(p) -> None:
@@ -815,6 +812,11 @@ def finetune(model: str, config_file: str | None, force: bool, **flags) -> None:
             f"Trainable parameters: {p.trainable:,} of {p.total:,} "
             f"({100 * p.trainable / max(p.total, 1):.3f}%)"
         )
+        # After the input is checked, so that bad input stays one line.
+        if view.rank0:
+            from .blas import warn_if_reference_blas
+
+            warn_if_reference_blas()
 
     callbacks = Callbacks(
         on_report=view.report,
@@ -901,8 +903,9 @@ def fuse(
     "--gen-tokens",
     default=128,
     show_default=True,
-    type=click.IntRange(min=2),
-    help="Tokens generated per sequence (EOS does not stop them).",
+    type=click.IntRange(min=8),
+    help="Tokens generated per sequence (EOS does not stop them); at least 8, "
+    "since decode speed is timed between the first and the last.",
 )
 @click.option(
     "--batch-size", default="1", show_default=True, help="Batch sizes, comma-separated."
@@ -965,12 +968,10 @@ def benchmark(
 ) -> None:
     """Measure prompt and generation speed over a sweep, like llama-bench."""
     from . import benchmark as bench
-    from .blas import warn_if_reference_blas
 
     options = bench.parse_options(**flags)
     bench.check_outputs(json_path=json_path, csv_path=csv_path, plot_path=plot_path)
     # Each run is logged at INFO: the progress of a long sweep.
-    warn_if_reference_blas()
     progress = logging.getLogger(bench.__name__)
     saved = progress.level
     if progress.getEffectiveLevel() > logging.INFO:
@@ -1044,10 +1045,8 @@ def benchmark_finetune(
     """Measure fine-tuning tokens/s and peak memory, LoRA and QLoRA."""
     from . import benchmark as bench
     from . import benchmark_train
-    from .blas import warn_if_reference_blas
 
     bench.check_outputs(json_path=json_path, csv_path=csv_path)
-    warn_if_reference_blas()
     progress = logging.getLogger(benchmark_train.__name__)
     saved = progress.level
     if progress.getEffectiveLevel() > logging.INFO:

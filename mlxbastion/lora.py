@@ -472,10 +472,12 @@ ADAPTER_TYPES = (LoRALinear, DoRALinear)
 def _chosen_blocks(model: nn.Module, num_layers: int) -> list[nn.Module]:
     blocks = list(model.layers)
     if num_layers > len(blocks):
-        # As in mlx-lm, the default of 16 on a smaller model means all blocks.
-        logger.info(
-            "num_layers is %d but the model has %d blocks; adapting all of them",
+        # mlx-lm's adapter loading reads a larger number as every block (its
+        # trainer refuses it); the default of 16 then fits small models too.
+        logger.warning(
+            "--num-layers %d is more than the model's %d blocks; adapting all %d",
             num_layers,
+            len(blocks),
             len(blocks),
         )
     # mlx-lm slices layers[-max(n, 0):], so 0 and -1 both mean every block.

@@ -12,6 +12,11 @@ from pathlib import Path
 
 import pytest
 
+# Tests compare the commands' stderr line by line; the hint about a slow
+# reference BLAS would add a line on machines without OpenBLAS. Setting the
+# opt-out hides it (and keeps subprocesses on the BLAS they start with).
+os.environ.setdefault("MLXBASTION_BLAS", "reference")
+
 # Real tokenizers and models live read-only beside the checkout (see
 # ../shared/MANIFEST.md); MLXBASTION_SHARED points elsewhere if needed.
 SHARED_DIR = Path(

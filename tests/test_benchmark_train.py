@@ -288,3 +288,29 @@ def test_lora_on_an_already_quantized_model_is_refused(rows, work, data):
         benchmark_finetune(
             work / "qlora-base", data, fine_tune_types="lora", num_layers=-1
         )
+
+
+def test_more_layers_than_blocks_become_every_block(model, data, monkeypatch):
+    specs = []
+
+    def worker(run_dir, spec):
+        specs.append(spec)
+        return fake_result(2.0, 0.5)
+
+    monkeypatch.setattr(benchmark_train, "_run_worker", worker)
+    rows = benchmark_finetune(model, data, fine_tune_types="lora", iters=3)
+    # mlx-lm's trainer refuses 16 on a 5-block model; both get 5.
+    assert specs[0]["num_layers"] == rows[0]["num_layers"] == 5
+
+
+def test_a_failed_run_is_one_line_naming_the_cause(model, tmp_path):
+    chat = tmp_path / "chat"
+    chat.mkdir()
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    line = json.dumps({"messages": turns})
+    for split in ("train", "valid"):
+        (chat / f"{split}.jsonl").write_text((line + "\n") * 4)
+    with pytest.raises(benchmark_train.WorkerFailed, match="chat template") as error:
+        benchmark_finetune(model, chat, fine_tune_types="lora", iters=3)
+    assert "\n" not in str(error.value)
+    assert "mlxbastion training run failed" in str(error.value)

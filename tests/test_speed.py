@@ -4,6 +4,7 @@ restarting with OpenBLAS preloaded."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -219,3 +220,19 @@ def test_the_command_line_runs_on_openblas_when_installed():
         check=True,
     )
     assert out.stdout.strip() == "None"
+
+
+def test_reference_blas_hint_unless_opted_out(monkeypatch, caplog):
+    monkeypatch.setattr(blas, "fast_matmul", lambda: False)
+    logger = logging.getLogger("mlxbastion.blas")
+    logger.addHandler(caplog.handler)
+    try:
+        monkeypatch.delenv("MLXBASTION_BLAS", raising=False)
+        blas.warn_if_reference_blas()
+        assert "reference BLAS" in caplog.text
+        caplog.clear()
+        monkeypatch.setenv("MLXBASTION_BLAS", "reference")
+        blas.warn_if_reference_blas()
+        assert caplog.text == ""
+    finally:
+        logger.removeHandler(caplog.handler)
