@@ -271,6 +271,19 @@ class Model(nn.Module):
         return weights
 
 
+def _float_weight(layer: nn.Module, dtype: mx.Dtype) -> mx.array:
+    """A quantized layer's weight, dequantized to ``dtype``."""
+    weight = mx.dequantize(
+        layer.weight,
+        layer.scales,
+        layer.get("biases"),
+        group_size=layer.group_size,
+        bits=layer.bits,
+        mode=layer.mode,
+    )
+    return weight.astype(dtype)
+
+
 class DequantizingLinear(nn.QuantizedLinear):
     """A quantized linear layer that multiplies many rows at once in float.
 
@@ -297,15 +310,7 @@ class DequantizingLinear(nn.QuantizedLinear):
         # Limitation: in training, the backward pass keeps each layer's
         # dequantized weight until its gradient is taken, so QLoRA's peak
         # memory on the CPU comes close to that of LoRA on the float model.
-        weight = mx.dequantize(
-            self.weight,
-            self.scales,
-            self.get("biases"),
-            group_size=self.group_size,
-            bits=self.bits,
-            mode=self.mode,
-        )
-        y = x @ weight.astype(x.dtype).T
+        y = x @ _float_weight(self, x.dtype).T
         return y + self.bias if "bias" in self else y
 
 
@@ -319,15 +324,7 @@ class DequantizingEmbedding(nn.QuantizedEmbedding):
     def as_linear(self, x: mx.array) -> mx.array:
         if x.size < self.min_rows * x.shape[-1]:
             return super().as_linear(x)
-        weight = mx.dequantize(
-            self.weight,
-            self.scales,
-            self.get("biases"),
-            group_size=self.group_size,
-            bits=self.bits,
-            mode=self.mode,
-        )
-        return x @ weight.astype(x.dtype).T
+        return x @ _float_weight(self, x.dtype).T
 
 
 def dequantize_for_many_rows(model: nn.Module, min_rows: int) -> int:
