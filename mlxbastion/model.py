@@ -26,6 +26,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import kernels
 from .cache import KVCache, RotatingKVCache, kv_group_size_for
 from .config import ModelArgs
 
@@ -291,21 +292,24 @@ class DequantizingLinear(nn.QuantizedLinear):
     much per row as a float matrix-vector product, while a float matmul over
     many rows runs on BLAS. For inputs of at least ``min_rows`` rows (prompt
     chunks, training batches) the weight is dequantized for the one product
-    and dropped after; a single row (decoding) keeps the quantized kernel,
-    which reads 4-8x fewer bytes. Memory stays that of the quantized model
-    plus one layer's float weight at a time. Weights, names and the file
-    format are those of ``nn.QuantizedLinear``.
+    and dropped after. Fewer rows (decoding) stay quantized, reading 4-8x
+    fewer bytes: through our vectorized kernel (``mlxbastion.kernels``) for
+    4- and 8-bit weights on x86-64, through MLX's otherwise. Memory stays
+    that of the quantized model plus one layer's float weight at a time.
+    Weights, names and the file format are those of ``nn.QuantizedLinear``.
     """
 
     min_rows = 32
 
     def __call__(self, x: mx.array) -> mx.array:
-        if x.size < self.min_rows * x.shape[-1]:
-            # Limitation: on the CPU, decoding with 4- or 8-bit weights is
-            # slower than with float32 weights, since the quantized kernel
-            # unpacks one number at a time; quantizing saves memory there,
-            # not time. Dequantizing the whole model at load trades that
-            # memory back for float32 speed.
+        rows = x.size // x.shape[-1]
+        if rows < kernels.MAX_ROWS and kernels.applies(self):
+            y = kernels.quantized_matvec(self, x)
+            return y + self.bias if "bias" in self else y
+        if rows < self.min_rows:
+            # Limitation: MLX's CPU kernel unpacks one weight at a time, so
+            # 2-, 3-, 5- and 6-bit models (and any on a CPU without AVX2)
+            # decode slower than the same model in float32.
             return super().__call__(x)
         # Limitation: in training, the backward pass keeps each layer's
         # dequantized weight until its gradient is taken, so QLoRA's peak
@@ -322,7 +326,10 @@ class DequantizingEmbedding(nn.QuantizedEmbedding):
     min_rows = 32
 
     def as_linear(self, x: mx.array) -> mx.array:
-        if x.size < self.min_rows * x.shape[-1]:
+        rows = x.size // x.shape[-1]
+        if rows < kernels.MAX_ROWS and kernels.applies(self):
+            return kernels.quantized_matvec(self, x)
+        if rows < self.min_rows:
             return super().as_linear(x)
         return x @ _float_weight(self, x.dtype).T
 
@@ -333,7 +340,9 @@ def dequantize_for_many_rows(model: nn.Module, min_rows: int) -> int:
     threshold; returns how many layers changed.
 
     The layers keep their arrays: only their class changes, so nothing is
-    copied and LoRA, saving and fusing see the same quantized layers.
+    copied and LoRA, saving and fusing see the same quantized layers. The
+    few-row kernel (``mlxbastion.kernels``) is built or loaded here, before
+    any traced step can need it.
     """
     swaps = {
         nn.QuantizedLinear: DequantizingLinear,
@@ -347,6 +356,8 @@ def dequantize_for_many_rows(model: nn.Module, min_rows: int) -> int:
             module.__class__ = swaps.get(type(module), type(module))
             module.min_rows = min_rows
             count += 1
+    if count:
+        kernels.load()  # build or load it now, not inside a traced step
     return count
 
 
