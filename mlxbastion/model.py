@@ -292,10 +292,11 @@ class DequantizingLinear(nn.QuantizedLinear):
     much per row as a float matrix-vector product, while a float matmul over
     many rows runs on BLAS. For inputs of at least ``min_rows`` rows (prompt
     chunks, training batches) the weight is dequantized for the one product
-    and dropped after. Fewer rows (decoding) stay quantized, reading 4-8x
-    fewer bytes: through our vectorized kernel (``mlxbastion.kernels``) for
-    4- and 8-bit weights on x86-64, through MLX's otherwise. Memory stays
-    that of the quantized model plus one layer's float weight at a time.
+    and dropped after. Fewer rows (decoding) stay quantized, reading 4-16x
+    fewer bytes: through our vectorized kernel (``mlxbastion.kernels``,
+    below ``kernels.max_rows`` rows) for 2- to 8-bit weights on x86-64,
+    through MLX's otherwise. Memory stays that of the quantized model plus
+    one layer's float weight at a time.
     Weights, names and the file format are those of ``nn.QuantizedLinear``.
     """
 
@@ -303,13 +304,14 @@ class DequantizingLinear(nn.QuantizedLinear):
 
     def __call__(self, x: mx.array) -> mx.array:
         rows = x.size // x.shape[-1]
-        if rows < kernels.MAX_ROWS and kernels.applies(self):
+        if rows < kernels.max_rows(self.bits) and kernels.applies(self):
             y = kernels.quantized_matvec(self, x)
             return y + self.bias if "bias" in self else y
         if rows < self.min_rows:
             # Limitation: MLX's CPU kernel unpacks one weight at a time, so
-            # 2-, 3-, 5- and 6-bit models (and any on a CPU without AVX2)
-            # decode slower than the same model in float32.
+            # where ours does not apply (a CPU without AVX2, not x86-64, a
+            # group size other than 32, 64 or 128) quantized models decode
+            # slower than the same model in float32.
             return super().__call__(x)
         # Limitation: in training, the backward pass keeps each layer's
         # dequantized weight until its gradient is taken, so QLoRA's peak
@@ -327,7 +329,7 @@ class DequantizingEmbedding(nn.QuantizedEmbedding):
 
     def as_linear(self, x: mx.array) -> mx.array:
         rows = x.size // x.shape[-1]
-        if rows < kernels.MAX_ROWS and kernels.applies(self):
+        if rows < kernels.max_rows(self.bits) and kernels.applies(self):
             return kernels.quantized_matvec(self, x)
         if rows < self.min_rows:
             return super().as_linear(x)

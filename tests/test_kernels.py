@@ -34,7 +34,7 @@ def test_it_builds_and_loads_here():
     assert kernels.build().parent == kernels.cache_dir()
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 9])
 def test_matches_mlx_quantized_matmul(bits, group_size, rows):
@@ -67,8 +67,8 @@ def test_batched_leading_axes_and_half_precision_scales():
 
 def test_bad_arguments_are_refused_with_the_reason():
     w, scales, biases = packed(64, 128, 4, 32)
-    with pytest.raises(ValueError, match="bits must be 4 or 8"):
-        kernels.load().quantized_matvec(mx.ones((1, 128)), w, scales, biases, 32, 3)
+    with pytest.raises(ValueError, match="bits must be 2, 3, 4, 5, 6 or 8"):
+        kernels.load().quantized_matvec(mx.ones((1, 128)), w, scales, biases, 32, 7)
     with pytest.raises(ValueError, match="shapes do not match"):
         kernels.load().quantized_matvec(mx.ones((1, 96)), w, scales, biases, 32, 4)
 
@@ -94,8 +94,8 @@ def test_a_quantized_linear_uses_it_for_a_few_rows(monkeypatch, bias, dtype):
     assert got.dtype == dtype and got.shape == (1, 5, 96)
     tol = 1e-4 if dtype == mx.float32 else 3e-2
     assert mx.allclose(got, expected, rtol=tol, atol=tol).item()
-    layer(mx.random.normal((1, kernels.MAX_ROWS, 128)))
-    assert calls == [1]  # from MAX_ROWS rows on, the float path
+    layer(mx.random.normal((1, kernels.max_rows(4), 128)))
+    assert calls == [1]  # from max_rows(4) rows on, the float path
 
 
 def test_gradient_with_respect_to_the_input_matches_mlx():
@@ -115,7 +115,7 @@ def test_gradient_with_respect_to_the_input_matches_mlx():
     assert mx.allclose(ours, theirs, atol=1e-4).item()
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [3, 4, 6, 8])
 def test_decoding_a_quantized_model_matches_mlx_kernel(monkeypatch, bits):
     model = tiny_model(hidden_size=128, intermediate_size=256)
     nn.quantize(model, group_size=32, bits=bits)

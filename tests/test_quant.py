@@ -440,9 +440,11 @@ def test_mlx_lm_loads_our_output_and_decodes_the_same_tokens(
     tokens = greedy(ours, prompt)
     assert greedy(theirs, prompt) == tokens
     assert len(set(tokens)) > 3, "degenerate text proves little"
+    # Our CPU kernel sums in another order than MLX's: float32 rounding.
     assert mx.allclose(
         ours(mx.array([prompt + tokens])),
         theirs(mx.array([prompt + tokens])),
+        rtol=1e-4,
         atol=1e-4,
     )
     # Both loaders built the layers the report lists, at its bits.

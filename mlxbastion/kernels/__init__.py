@@ -1,15 +1,15 @@
 """A vectorized quantized matrix-vector product for x86-64 CPUs.
 
 MLX's CPU backend multiplies by quantized weights one element at a time, so
-decoding with 4- or 8-bit weights there is slower than with float32 weights.
+decoding with quantized weights there is slower than with float32 weights.
 ``quantized_matvec.cpp`` is an MLX extension (a custom primitive) that
-unpacks eight weights per AVX2 instruction. It is compiled once per machine
-and mlx version, on first use or by ``python -m mlxbastion.kernels``, into
-``~/.cache/mlxbastion/kernels`` (``MLXBASTION_KERNEL_CACHE`` moves it), and
-is used only where it applies: the CPU device, an x86-64 CPU with AVX2 and
-FMA, 4- or 8-bit affine weights. Anywhere else, or when the build fails
-(the reason is logged once), MLX's own kernel runs.
-``MLXBASTION_KERNELS=off`` turns it off.
+unpacks eight weights at a time into AVX2 registers. It is compiled once per
+machine and mlx version, on first use or by ``python -m mlxbastion.kernels``,
+into ``~/.cache/mlxbastion/kernels`` (``MLXBASTION_KERNEL_CACHE`` moves it),
+and is used only where it applies: the CPU device, an x86-64 CPU with AVX2
+and FMA, 2- to 8-bit affine weights in groups of 32, 64 or 128. Anywhere
+else, or when the build fails (the reason is logged once), MLX's own kernel
+runs. ``MLXBASTION_KERNELS=off`` turns it off.
 """
 
 from __future__ import annotations
@@ -35,12 +35,8 @@ logger = logging.getLogger(__name__)
 SOURCE_DIR = Path(__file__).parent
 SOURCES = ("quantized_matvec.cpp", "CMakeLists.txt")
 MODULE = "mlxbastion_kernels"
-BITS = (4, 8)
+BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
-# Below this many rows the kernel beats dequantizing the layer for one BLAS
-# product (measured on a 2-core x86-64 with OpenBLAS: 2-10x at 4-16 rows,
-# about even at 64); from it on, callers take the float path.
-MAX_ROWS = 32
 
 
 def unsupported_reason() -> str | None:
@@ -98,7 +94,7 @@ def build() -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if module.exists():  # another process built it while we waited
             return module
-        logger.info("compiling the CPU quantized kernel (once, ~20 s) into %s", target)
+        logger.info("compiling the CPU quantized kernel (once, 10-20 s): %s", target)
         with tempfile.TemporaryDirectory(dir=target) as work:
             cmake = _cmake()
             steps = [
@@ -160,6 +156,16 @@ def _self_check(module) -> None:
         got = module.quantized_matvec(x, *packed, group_size=32, bits=bits)
         if not mx.allclose(got, expected, rtol=1e-4, atol=1e-4).item():
             raise RuntimeError(f"self-check failed at {bits} bits")
+
+
+def max_rows(bits: int) -> int:
+    """Below this many rows the kernel beats dequantizing the layer for one
+    BLAS product; from it on, callers take the float path. Measured on a
+    2-core x86-64 with OpenBLAS, SmolLM2-135M's shapes: at 4 bits the kernel
+    is 2-10x faster at 4-16 rows and about even at 64-128; MLX dequantizes
+    3-, 5- and 6-bit weights 3-6x slower than 4-bit ones, which moves the
+    break-even to 128-256 rows."""
+    return 128 if bits in (3, 5, 6) else 32
 
 
 def applies(layer) -> bool:
