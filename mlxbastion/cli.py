@@ -101,7 +101,8 @@ class _OneLineErrors(click.Group):
 @click.option("--verbose", "-v", is_flag=True, help="Show debug logs and tracebacks.")
 @click.version_option(package_name="mlxbastion", prog_name="mlxbastion")
 def main(verbose: bool) -> None:
-    """Private, on-device LLMs on MLX: convert, generate (and more to come)."""
+    """Private, on-device LLMs on MLX: convert, quantize, generate, fine-tune
+    and benchmark models on your own machine."""
     _setup_logging(verbose)
 
 

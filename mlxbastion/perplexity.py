@@ -142,6 +142,18 @@ def token_logprobs(model: nn.Module, batch: mx.array) -> mx.array:
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
+def check_context(model: nn.Module, windows: mx.array) -> None:
+    """Refuse windows longer than the model's context: positions past it
+    were never trained, and the score would mean nothing."""
+    context = getattr(getattr(model, "args", None), "max_position_embeddings", None)
+    length = windows.shape[1] - 1
+    if context is not None and length > context:
+        raise ValueError(
+            f"a sequence length of {length} is longer than the model's context "
+            f"({context}); use --sequence-length {context} or less"
+        )
+
+
 def perplexity(
     model: nn.Module,
     windows: mx.array,
@@ -150,6 +162,7 @@ def perplexity(
     progress: Progress | None = None,
 ) -> PerplexityResult:
     """Perplexity of ``model`` over ``windows`` (from ``make_windows``)."""
+    check_context(model, windows)
     nll = []
     for done, batch in enumerate(_batches(windows, batch_size), start=1):
         logprobs = token_logprobs(model, batch)
@@ -190,6 +203,7 @@ def compare(
     """Perplexity of the reference and of each model, and the mean
     KL(reference || model) over every next-token distribution. The reference
     runs once for all of them."""
+    check_context(reference, windows)
     nll_ref: list[mx.array] = []
     nll = [[] for _ in models]
     kl = [[] for _ in models]

@@ -359,6 +359,17 @@ def _evaluate(
     if baseline:
         evaluation["rtn_perplexity"] = baseline[0].model.perplexity
         evaluation["rtn_mean_kl"] = baseline[0].mean_kl
+        if baseline[0].mean_kl < result.mean_kl:
+            # Limitation: GPTQ fits the calibration text; with little of it,
+            # or text unlike the evaluation text, it can do worse than plain
+            # rounding. The report shows both, and this says which won.
+            logger.warning(
+                "plain rounding came closer to the float model than GPTQ "
+                "(KL %.5f against %.5f); rerun with --method rtn, or give "
+                "more --calibration-data like your use",
+                baseline[0].mean_kl,
+                result.mean_kl,
+            )
     return evaluation
 
 
@@ -375,6 +386,16 @@ def _report(
     return {
         "method": options.method,
         "recipe": None if budget else (options.recipe or "uniform-4"),
+        # --bits and --group-size replace the recipe's defaults (its rules
+        # keep their own bits); record them so the name is not misread.
+        "recipe_overrides": {
+            key: value
+            for key, value in (
+                ("bits", options.bits),
+                ("group_size", options.group_size),
+            )
+            if value is not None and not budget
+        },
         "size_bytes": size,
         "float_size_bytes": float_size,
         "bits_per_weight": bits_per_weight(model),

@@ -211,6 +211,19 @@ def test_data_shorter_than_one_window_is_a_one_line_error(model_dir, tmp_path):
     )
 
 
+def test_a_window_longer_than_the_context_is_a_one_line_error(model_dir, tmp_path):
+    # stories260K's context is 2048 tokens; the data holds more than 3000.
+    data = tmp_path / "long.txt"
+    data.write_text(require(TINYSTORIES).read_text()[:20000])
+    line = one_line_error(
+        perplexity(model_dir, data, "--sequence-length", 3000, "--num-samples", 1)
+    )
+    assert line == (
+        "error: a sequence length of 3000 is longer than the model's context "
+        "(2048); use --sequence-length 2048 or less"
+    )
+
+
 @pytest.mark.parametrize(
     ("name", "content", "message"),
     [

@@ -9,6 +9,7 @@ random model with SmolLM2-135M's shape; plan logic from tiny random Llamas.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -345,6 +346,7 @@ def test_quantize_takes_a_recipe_file(stories, tmp_path):
         **dict.fromkeys(STORIES_DOWN_PROJ, False),
     }
     assert report["recipe"] == str(path)
+    assert report["recipe_overrides"] == {}
 
 
 def test_unknown_recipe_names_the_available_ones():
@@ -508,6 +510,8 @@ def test_report_is_consistent_with_the_folder(quantized, stories, group_size):
     )
     assert report["method"] == ("gptq" if group_size == 32 else "rtn")
     assert report["recipe"] == "uniform-4" and report["budget"] is None
+    # --bits and --group-size replaced the recipe's defaults: said so.
+    assert report["recipe_overrides"] == {"bits": 4, "group_size": group_size}
 
 
 def test_report_evaluation_fields(quantized, texts):
@@ -1028,3 +1032,30 @@ def test_eval_data_shorter_than_a_window_leaves_nothing(stories, tmp_path):
     )
     line = one_line_error(result, out)
     assert "fewer than one window of 256" in line
+
+
+def test_gptq_doing_worse_than_plain_rounding_is_said(monkeypatch, caplog):
+    from mlxbastion import quantization
+    from mlxbastion.perplexity import Comparison, PerplexityResult
+
+    figures = PerplexityResult(5.0, 0.1, 1.6, 100, 1)
+    monkeypatch.setattr(quantization, "_quantized_copy", lambda *a, **k: None)
+    monkeypatch.setattr(
+        quantization,
+        "compare",
+        lambda reference, models, windows, progress: [
+            Comparison(figures, figures, 0.5),  # GPTQ
+            Comparison(figures, figures, 0.2),  # plain rounding
+        ],
+    )
+    options = quantization.QuantizeOptions(method="gptq")
+    with caplog.at_level(logging.WARNING, logger="mlxbastion.quantization"):
+        evaluation = quantization._evaluate(
+            None, None, {}, options, mx.float32, None, None
+        )
+    assert evaluation["mean_kl"] == 0.5 and evaluation["rtn_mean_kl"] == 0.2
+    assert caplog.messages == [
+        "plain rounding came closer to the float model than GPTQ (KL 0.20000 "
+        "against 0.50000); rerun with --method rtn, or give more "
+        "--calibration-data like your use"
+    ]

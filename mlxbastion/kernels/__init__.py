@@ -126,7 +126,13 @@ def load():
     reason = unsupported_reason()
     if reason is None:
         try:
-            spec = importlib.util.spec_from_file_location(MODULE, build())
+            path = build()
+            # OpenMP's threads spin while they wait by default, which starves
+            # other work when the cores are shared (decoding fell from 40 to
+            # 21 tokens/s beside one busy process); this is read when the
+            # OpenMP runtime loads with the module, and a user's choice wins.
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+            spec = importlib.util.spec_from_file_location(MODULE, path)
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
             _self_check(module)

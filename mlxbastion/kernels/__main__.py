@@ -8,7 +8,7 @@ from . import build, load, unsupported_reason
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 reason = unsupported_reason()
 if reason:
-    print(f"CPU quantized kernel not needed here: {reason}")
+    print(f"CPU quantized kernel not used: {reason}")
 elif load() is None:
     sys.exit(1)
 else:
