@@ -303,20 +303,7 @@ class DequantizingLinear(nn.QuantizedLinear):
     min_rows = 32
 
     def __call__(self, x: mx.array) -> mx.array:
-        rows = x.size // x.shape[-1]
-        if rows < kernels.max_rows(self.bits) and kernels.applies(self):
-            y = kernels.quantized_matvec(self, x)
-            return y + self.bias if "bias" in self else y
-        if rows < self.min_rows:
-            # Limitation: MLX's CPU kernel unpacks one weight at a time, so
-            # where ours does not apply (a CPU without AVX2, not x86-64, a
-            # group size other than 32, 64 or 128) quantized models decode
-            # slower than the same model in float32.
-            return super().__call__(x)
-        # Limitation: in training, the backward pass keeps each layer's
-        # dequantized weight until its gradient is taken, so QLoRA's peak
-        # memory on the CPU comes close to that of LoRA on the float model.
-        y = x @ _float_weight(self, x.dtype).T
+        y = _quantized_product(self, x)
         return y + self.bias if "bias" in self else y
 
 
@@ -328,12 +315,34 @@ class DequantizingEmbedding(nn.QuantizedEmbedding):
     min_rows = 32
 
     def as_linear(self, x: mx.array) -> mx.array:
-        rows = x.size // x.shape[-1]
-        if rows < kernels.max_rows(self.bits) and kernels.applies(self):
-            return kernels.quantized_matvec(self, x)
-        if rows < self.min_rows:
-            return super().as_linear(x)
-        return x @ _float_weight(self, x.dtype).T
+        return _quantized_product(self, x)
+
+
+def _quantized_product(layer: nn.Module, x: mx.array) -> mx.array:
+    """``x @ W.T`` for a quantized layer's weight ``W`` (no bias), by the
+    fastest path for the number of rows in ``x``."""
+    rows = x.size // x.shape[-1]
+    if rows < kernels.max_rows(layer.bits) and kernels.applies(layer):
+        return kernels.quantized_matvec(layer, x)
+    if rows < layer.min_rows:
+        # Limitation: MLX's CPU kernel unpacks one weight at a time, so
+        # where ours does not apply (a CPU without AVX2, not x86-64, a
+        # group size other than 32, 64 or 128) quantized models decode
+        # slower than the same model in float32.
+        return mx.quantized_matmul(
+            x,
+            layer.weight,
+            layer.scales,
+            layer.get("biases"),
+            transpose=True,
+            group_size=layer.group_size,
+            bits=layer.bits,
+            mode=layer.mode,
+        )
+    # Limitation: in training, the backward pass keeps each layer's
+    # dequantized weight until its gradient is taken, so QLoRA's peak
+    # memory on the CPU comes close to that of LoRA on the float model.
+    return x @ _float_weight(layer, x.dtype).T
 
 
 def dequantize_for_many_rows(model: nn.Module, min_rows: int) -> int:

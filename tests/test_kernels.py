@@ -98,6 +98,37 @@ def test_a_quantized_linear_uses_it_for_a_few_rows(monkeypatch, bias, dtype):
     assert calls == [1]  # from max_rows(4) rows on, the float path
 
 
+@pytest.mark.parametrize("bits", [4, 6])
+@pytest.mark.parametrize("head", [False, True])
+def test_the_row_threshold_depends_on_the_width(monkeypatch, bits, head):
+    # MLX dequantizes 3-, 5- and 6-bit weights slowly, so the kernel keeps
+    # more rows for them; the tied head (an embedding) follows the same rule.
+    if head:
+        embedding = nn.Embedding(96, 128)
+        layer = nn.QuantizedEmbedding.from_embedding(embedding, 64, bits)
+    else:
+        layer = nn.QuantizedLinear.from_linear(nn.Linear(128, 96), 64, bits)
+    dequantize_for_many_rows(layer, min_rows=4)
+    product = layer.as_linear if head else layer
+    paths = []
+    real_kernel, real_dequantize = kernels.quantized_matvec, mx.dequantize
+    monkeypatch.setattr(
+        kernels,
+        "quantized_matvec",
+        lambda *a: paths.append("kernel") or real_kernel(*a),
+    )
+    monkeypatch.setattr(
+        mx,
+        "dequantize",
+        lambda *a, **k: paths.append("float") or real_dequantize(*a, **k),
+    )
+    limit = kernels.max_rows(bits)
+    assert limit == {4: 32, 6: 128}[bits]
+    assert product(mx.random.normal((limit - 1, 128))).shape == (limit - 1, 96)
+    assert product(mx.random.normal((limit, 128))).shape == (limit, 96)
+    assert paths == ["kernel", "float"]
+
+
 def test_gradient_with_respect_to_the_input_matches_mlx():
     w, scales, biases = packed(96, 128, 4, 32)
     x = mx.random.normal((3, 128))
